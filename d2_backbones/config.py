@@ -1,0 +1,207 @@
+"""Config keys of d2_backbones, added to a detectron2 config by :func:`add_config`.
+
+:func:`add_config` only *adds* missing keys to the cfg it is given (calling it twice is
+harmless, existing values are never changed, detectron2's global defaults are never
+touched). :func:`get_cfg` is ``detectron2.config.get_cfg()`` plus these keys.
+
+Keys detectron2 already has are reused where the meaning is the same:
+``MODEL.BACKBONE.FREEZE_AT`` (frozen stages), ``MODEL.RESNETS.STRIDE_IN_1X1`` (caffe vs
+pytorch style), ``DEPTH``, ``NUM_GROUPS``, ``WIDTH_PER_GROUP``, ``NORM``,
+``STEM_OUT_CHANNELS``, ``RES2_OUT_CHANNELS``, ``RES5_DILATION``, ``DEFORM_*`` and
+``MODEL.FPN.{IN_FEATURES, OUT_CHANNELS, NORM, FUSE_TYPE}``.
+
+Each family adds its section below; every key has a comment (options and meaning) and a
+row in the README (a test keeps the two in sync).
+"""
+import copy
+import difflib
+import functools
+import re
+from typing import Callable, Dict, List, Optional
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as _d2_get_cfg
+
+from .errors import RegistryKeyError
+
+__all__ = ["add_config", "get_cfg", "our_keys", "cfg_get", "install_config_hints"]
+
+
+def _resnet_keys(_C: CN) -> None:
+    _C.MODEL.RESNETS = CN()
+    # Deep stem (ResNet-V1c): three 3x3 convs (STEM_OUT_CHANNELS/2 stride 2, /2, STEM_OUT_CHANNELS)
+    # instead of the 7x7 conv. Options: True, False (MMDetection `deep_stem`).
+    _C.MODEL.RESNETS.DEEP_STEM = False
+    # Average-pool shortcuts (ResNet-V1d with DEEP_STEM): a strided shortcut becomes
+    # AvgPool2d(s, s, ceil_mode=True) + 1x1 conv with stride 1. Options: True, False (mmdet `avg_down`).
+    _C.MODEL.RESNETS.AVG_DOWN = False
+    # Stride of the first block of res2..res5 (4 positive ints; mmdet `strides`).
+    _C.MODEL.RESNETS.STAGE_STRIDES = [1, 2, 2, 2]
+    # Dilation of the 3x3 convs of res2..res5 (4 positive ints; mmdet `dilations`). detectron2's
+    # RES5_DILATION=2 is still honoured: it means STAGE_STRIDES[3]=1, STAGE_DILATIONS[3]=2.
+    _C.MODEL.RESNETS.STAGE_DILATIONS = [1, 1, 1, 1]
+    # MMDetection-style alias of MODEL.BACKBONE.FREEZE_AT: None = unset, -1 = nothing frozen,
+    # 0 = stem, k = stem + res2..res(k+1)... i.e. FROZEN_STAGES k == FREEZE_AT k+1.
+    # Setting both to disagreeing values is an error (FREEZE_AT left at detectron2's default 2
+    # counts as unset).
+    _C.MODEL.RESNETS.FROZEN_STAGES = None
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.RESNETS.NORM_EVAL = False
+    # Gradient checkpointing per residual block (mmdet `with_cp`): same outputs and gradients,
+    # less activation memory, ~25-35% more compute per training step. Options: True, False.
+    _C.MODEL.RESNETS.WITH_CP = False
+    # Zero-initialise the last norm weight of every residual branch (mmdet `zero_init_residual`);
+    # only matters when training without pretrained weights. Options: True, False.
+    _C.MODEL.RESNETS.ZERO_INIT_RESIDUAL = False
+    # Plugins inserted in the residual blocks (mmdet `plugins`). A list of mappings:
+    #   {TYPE: "gc" (GCNet context block) | "se" (squeeze-excitation),
+    #    POSITION: "after_conv1" | "after_conv2" | "after_conv3" (default),
+    #    STAGES: [4 bools for res2..res5] (default all), RATIO: hidden/in channels (default 1/16)}
+    _C.MODEL.RESNETS.PLUGINS = []
+
+
+def _fpn_keys(_C: CN) -> None:
+    _C.MODEL.FPN = CN()
+    # Extra FPN levels above the last input feature. Options: "maxpool" (P6 = max-pool of the top
+    # output; Faster/Mask R-CNN), "p6p7" (P6, P7 by stride-2 3x3 convs; RetinaNet/FCOS),
+    # "p6" (P6 conv only), "none".
+    _C.MODEL.FPN.TOP_BLOCK = "maxpool"
+    # Input of the P6 conv for "p6"/"p6p7" (mmdet `add_extra_convs`). Options: "on_input" (the
+    # backbone's last FPN input, e.g. res5; detectron2 RetinaNet), "on_lateral" (the last lateral
+    # conv's output), "on_output" (the top FPN output, e.g. P5; FCOS).
+    _C.MODEL.FPN.TOP_BLOCK_SOURCE = "on_input"
+    # ReLU on P6 before the P7 conv. True = detectron2; False = mmdet RetinaNet
+    # (`relu_before_extra_convs=False`). Options: True, False.
+    _C.MODEL.FPN.TOP_BLOCK_RELU = True
+
+
+# Sections in the order they are added. A new family appends its `_<family>_keys` here.
+_SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys]
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> CN:
+    t = CN()
+    t.MODEL = CN()
+    for section in _SECTIONS:
+        section(t)
+    return t
+
+
+def _flatten(node: CN, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, CN):
+            out.update(_flatten(v, full + "."))
+        else:
+            out[full] = v
+    return out
+
+
+def our_keys() -> Dict[str, object]:
+    """Every key this package adds, as ``{"MODEL.RESNETS.DEEP_STEM": False, ...}`` (defaults)."""
+    return _flatten(_template())
+
+
+def _merge_missing(dst: CN, src: CN) -> None:
+    for k, v in src.items():
+        if k not in dst:
+            dst[k] = copy.deepcopy(v)
+        elif isinstance(v, CN) and isinstance(dst[k], CN):
+            _merge_missing(dst[k], v)
+
+
+def add_config(cfg: CN) -> CN:
+    """Add every d2_backbones key (with its default) to ``cfg``; existing keys are left as they are.
+
+    Idempotent, and it mutates only ``cfg``. Returns ``cfg`` for chaining.
+
+    Example::
+
+        >>> from detectron2.config import get_cfg
+        >>> cfg = add_config(get_cfg())
+        >>> cfg.MODEL.RESNETS.DEEP_STEM, cfg.MODEL.FPN.TOP_BLOCK
+        (False, 'maxpool')
+    """
+    frozen = cfg.is_frozen()
+    if frozen:
+        cfg.defrost()
+    _merge_missing(cfg, _template())
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def get_cfg() -> CN:
+    """detectron2's default config plus every d2_backbones key."""
+    return add_config(_d2_get_cfg())
+
+
+def cfg_get(cfg: CN, dotted: str):
+    """Read ``cfg.<dotted>``, falling back to this package's default when the key is missing.
+
+    Builders use it for keys another package's ``add_*_config`` may have replaced (e.g.
+    vovnet-detectron2 resets the whole ``MODEL.VOVNET`` node).
+    """
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, CN) or part not in node:
+            defaults = our_keys()
+            if dotted in defaults:
+                return copy.deepcopy(defaults[dotted])
+            raise KeyError(f"Config key {dotted} is missing")
+        node = node[part]
+    return node
+
+
+_MISSING_RE = re.compile(r"Non-existent (?:config )?key: (\S+)")
+
+
+def _missing_key_hint(cfg: CN, message: str) -> Optional[str]:
+    m = _MISSING_RE.search(message)
+    if not m:
+        return None
+    key = m.group(1).rstrip("'\"")
+    ours = our_keys()
+    existing = list(_flatten(cfg))
+    is_ours = key in ours or any(k.startswith(key + ".") for k in ours)
+    has_ours = any(k in ours for k in existing)
+    if is_ours and not has_ours:
+        return (f"Config key {key} belongs to d2_backbones, but this config has no d2_backbones keys yet. "
+                "Fix: call d2_backbones.add_config(cfg) before merge_from_file/merge_from_list "
+                "(or start from d2_backbones.get_cfg()), and `import d2_backbones` so its backbones are registered.")
+    close = difflib.get_close_matches(key, existing, n=3, cutoff=0.75)
+    if close:
+        return f"Non-existent config key: {key}. Did you mean: {', '.join(close)}?"
+    return None
+
+
+def _hinted(method):
+    if getattr(method, "_d2b_hinted", False):
+        return method
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (KeyError, AssertionError) as e:
+            hint = _missing_key_hint(self, str(e))
+            if hint is None:
+                raise
+            new = RegistryKeyError(hint) if isinstance(e, KeyError) else AssertionError(hint)
+            raise new from e
+
+    wrapper._d2b_hinted = True
+    return wrapper
+
+
+def install_config_hints() -> None:
+    """Make detectron2's ``CfgNode`` merges explain unknown d2_backbones keys (idempotent).
+
+    Only the error message of a merge that already fails changes: an unknown key of this
+    package says to call :func:`add_config`; a near-miss key suggests the closest existing key.
+    """
+    CN.merge_from_other_cfg = _hinted(CN.merge_from_other_cfg)
+    CN.merge_from_list = _hinted(CN.merge_from_list)

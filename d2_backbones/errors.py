@@ -1,0 +1,79 @@
+"""Error types and message helpers shared by every family.
+
+Every configuration mistake the package can detect is raised as a
+:class:`ConfigError` whose message names the config key, the value received,
+the valid values and the fix, e.g.::
+
+    MODEL.RESNETS.DEPTH=42 is not supported. Valid values: 18, 34, 50, 101, 152.
+    Fix: set MODEL.RESNETS.DEPTH to one of them.
+
+The checks run while the model is built (inside the registered backbone
+builders), so a wrong config fails in seconds, before any data is loaded.
+"""
+import difflib
+from typing import Iterable, List, Optional, Sequence
+
+__all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message says which key and how to fix it."""
+
+
+class RegistryKeyError(KeyError):
+    """A ``KeyError`` whose ``str()`` is the readable message, not its ``repr``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def nearest_first(name: str, candidates: Iterable[str]) -> List[str]:
+    """Return ``candidates`` sorted by similarity to ``name`` (most similar first).
+
+    Example::
+
+        >>> nearest_first("V-39", ["V-99-eSE", "V-39-eSE", "V-19-eSE"])
+        ['V-39-eSE', 'V-19-eSE', 'V-99-eSE']
+    """
+    cands = list(dict.fromkeys(str(c) for c in candidates))
+    low = str(name).lower()
+
+    def score(c: str) -> float:
+        return difflib.SequenceMatcher(None, low, c.lower()).ratio()
+
+    return sorted(cands, key=lambda c: (-score(c), cands.index(c)))
+
+
+def format_values(values: Iterable) -> str:
+    """Render valid values for a message: strings quoted, others as-is."""
+    return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
+
+
+def config_error(
+    key: str,
+    value,
+    valid: Optional[Sequence] = None,
+    fix: Optional[str] = None,
+    problem: Optional[str] = None,
+    nearest: bool = False,
+) -> ConfigError:
+    """Build a :class:`ConfigError` with the package's standard wording.
+
+    Args:
+        key: full config key, e.g. ``"MODEL.RESNETS.DEPTH"``.
+        value: the value received.
+        valid: the valid values (listed nearest-first to ``value`` if ``nearest``).
+        fix: what the user should do. Defaults to "set KEY to one of them".
+        problem: replaces the default "is not supported" clause.
+    """
+    msg = f"{key}={value!r} {problem or 'is not supported'}."
+    if valid is not None:
+        vals = list(valid)
+        if nearest and isinstance(value, str):
+            vals = nearest_first(value, vals)
+        msg += f" Valid values: {format_values(vals)}."
+    if fix is None and valid is not None:
+        fix = f"set {key} to one of them"
+    if fix:
+        msg += f" Fix: {fix}."
+    return ConfigError(msg)

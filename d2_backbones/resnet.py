@@ -1,0 +1,462 @@
+"""ResNet / ResNeXt with MMDetection's options, built on detectron2's own ResNet.
+
+This is detectron2's :class:`~detectron2.modeling.backbone.resnet.ResNet`,
+:meth:`ResNet.make_stage`, ``BasicStem``, ``BasicBlock`` and ``BottleneckBlock``,
+extended (by subclassing, not forking) with the options of MMDetection's
+``ResNet`` (``mmdet/models/backbones/resnet.py``):
+
+=========================  ===============================================================
+option                     how it is built here
+=========================  ===============================================================
+style pytorch / caffe      ``stride_in_1x1`` (detectron2's flag: True = caffe/MSRA)
+deep stem (V1c)            :class:`DeepStem`: three 3x3 convs (C/2 s2, C/2, C) + max-pool
+avg_down (V1d)             ``shortcut_pool`` = ``AvgPool2d(s, s, ceil_mode=True,
+                           count_include_pad=False)`` before the 1x1 ``shortcut`` (stride 1)
+per-stage strides/dilation ``strides``/``dilations`` (4 values each), any stage
+frozen stages              ``freeze_at`` (detectron2 indexing; mmdet ``frozen_stages`` k = k+1)
+norm_eval                  BatchNorm statistics fixed in train mode, re-applied on ``.train()``
+with_cp                    per-block gradient checkpointing (:class:`~.layers.CheckpointMixin`)
+zero_init_residual         last norm of every residual branch starts at 0
+DCN v1 / v2                ``torchvision.ops.deform_conv2d`` on conv2 (CPU and GPU)
+plugins                    GCNet context block / SE after conv1, conv2 or conv3
+=========================  ===============================================================
+
+Parameter names are detectron2's (``stem.conv1.weight``, ``res2.0.conv1.norm.*``,
+``res3.0.shortcut.*``), so detectron2's MSRA ``.pkl`` and converted torchvision weights
+load natively. New parts are named:
+
+* deep stem: ``stem.conv1``, ``stem.conv2``, ``stem.conv3`` (each with ``.norm``);
+* avg_down: ``resN.0.shortcut_pool`` (no parameters; ``shortcut`` keeps its name);
+* DCN: ``resN.i.conv2`` (deformable weight + ``.norm``) and ``resN.i.conv2_offset``
+  (zero-initialised offset/mask conv), exactly as detectron2's ``DeformBottleneckBlock``;
+* plugins: ``resN.i.after_conv{1,2,3}.{gc,se}.*``.
+
+avg_down with stride 1: no pool is inserted (the 1x1 projection stays where channels
+change); this is timm's ``resnet*d`` behaviour and gives timm's parameter counts.
+
+Output sizes: every strided layer rounds up, so a feature of stride ``s`` has spatial
+size ``ceil(H / s) x ceil(W / s)`` for any input size.
+
+Example::
+
+    >>> model = build_resnet(50, deep_stem=True, avg_down=True, norm="BN")
+    >>> {k: tuple(v.shape) for k, v in model(torch.zeros(1, 3, 224, 200)).items()}
+    {'res2': (1, 256, 56, 50), 'res3': (1, 512, 28, 25), 'res4': (1, 1024, 14, 13), 'res5': (1, 2048, 7, 7)}
+"""
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from detectron2.layers import CNNBlockBase, Conv2d
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
+from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
+from detectron2.modeling.backbone.resnet import BasicStem
+
+from .errors import config_error
+from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite
+
+__all__ = [
+    "RESNET_DEPTHS",
+    "RESNET_STAGE_NAMES",
+    "PLUGIN_TYPES",
+    "PLUGIN_POSITIONS",
+    "DeepStem",
+    "ResNetBasicBlock",
+    "ResNetBottleneckBlock",
+    "ResNetDeformBottleneckBlock",
+    "ResNet",
+    "build_resnet",
+]
+
+# depth -> (block kind, blocks per stage). The only depth table of the package.
+RESNET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+RESNET_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+RESNET_FEATURES = ("stem",) + RESNET_STAGE_NAMES
+PLUGIN_TYPES = ("gc", "se")
+PLUGIN_POSITIONS = ("after_conv1", "after_conv2", "after_conv3")
+_PLUGIN_FIELDS = ("type", "position", "stages", "ratio")
+
+
+class DeepStem(CNNBlockBase):
+    """ResNet-V1c/V1d stem: 3x3 s2 (C/2) -> 3x3 (C/2) -> 3x3 (C), each conv+norm+ReLU, then max-pool.
+
+    Same layout as MMDetection's ``deep_stem`` and timm's ``stem_type='deep'``; stride 4.
+
+    Example::
+
+        >>> DeepStem(3, 64, norm="BN")(torch.zeros(1, 3, 65, 64)).shape
+        torch.Size([1, 64, 17, 16])
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm="BN"):
+        super().__init__(in_channels, out_channels, 4)
+        mid = out_channels // 2
+        norm = CheckedNorm(norm)
+        self.conv1 = Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False, norm=norm(mid))
+        self.conv2 = Conv2d(mid, mid, 3, stride=1, padding=1, bias=False, norm=norm(mid))
+        self.conv3 = Conv2d(mid, out_channels, 3, stride=1, padding=1, bias=False, norm=norm(out_channels))
+        for layer in (self.conv1, self.conv2, self.conv3):
+            weight_init.c2_msra_fill(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu_(self.conv1(x))
+        x = F.relu_(self.conv2(x))
+        x = F.relu_(self.conv3(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+
+def _make_plugins(plugins: Sequence[Mapping], position: str, channels: int) -> nn.Sequential:
+    mods: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for p in plugins:
+        if p["position"] != position:
+            continue
+        kind = p["type"]
+        if kind == "gc":
+            m: nn.Module = ContextBlock(channels, ratio=p.get("ratio", 1.0 / 16))
+        else:  # "se"
+            rd = max(1, int(round(channels * p.get("ratio", 1.0 / 16))))
+            m = SqueezeExcite(channels, rd, gate="sigmoid")
+        name, i = kind, 1
+        while name in mods:
+            name, i = f"{kind}_{i}", i + 1
+        mods[name] = m
+    return nn.Sequential(mods)
+
+
+def _avg_down_shortcut(block: CNNBlockBase, norm, stride: int) -> None:
+    """Turn ``block.shortcut`` into AvgPool(stride) + 1x1 conv (stride 1) when stride > 1."""
+    block.shortcut_pool = None
+    if block.shortcut is None or stride == 1:
+        return
+    out = block.out_channels
+    block.shortcut_pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+    block.shortcut = Conv2d(block.in_channels, out, kernel_size=1, stride=1, bias=False, norm=norm(out))
+    weight_init.c2_msra_fill(block.shortcut)
+
+
+def _zero_init(norm: Optional[nn.Module]) -> None:
+    w = getattr(norm, "weight", None)
+    if isinstance(w, nn.Parameter):
+        nn.init.zeros_(w)
+
+
+class ResNetBasicBlock(CheckpointMixin, BasicBlock):
+    """detectron2's ``BasicBlock`` plus dilation, avg_down, plugins, zero-init and ``with_cp``.
+
+    Dilation applies to conv1 only (MMDetection's BasicBlock). Plugins may sit after
+    conv1 or conv2.
+    """
+
+    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", dilation=1, avg_down=False,
+                 plugins=(), zero_init_residual=False, with_cp=False):
+        norm = CheckedNorm(norm)
+        super().__init__(in_channels, out_channels, stride=stride, norm=norm)
+        if dilation != 1:
+            self.conv1.dilation = (dilation, dilation)
+            self.conv1.padding = (dilation, dilation)
+        self.shortcut_pool = None
+        if avg_down:
+            _avg_down_shortcut(self, norm, stride)
+        self.after_conv1 = _make_plugins(plugins, "after_conv1", out_channels)
+        self.after_conv2 = _make_plugins(plugins, "after_conv2", out_channels)
+        if zero_init_residual:
+            _zero_init(self.conv2.norm)
+        self.with_cp = with_cp
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        out = self.after_conv1(out)
+        out = self.conv2(out)
+        out = self.after_conv2(out)
+        shortcut = x
+        if self.shortcut_pool is not None:
+            shortcut = self.shortcut_pool(shortcut)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        out = out + shortcut
+        return F.relu_(out)
+
+
+class ResNetBottleneckBlock(CheckpointMixin, BottleneckBlock):
+    """detectron2's ``BottleneckBlock`` plus avg_down, plugins, zero-init and ``with_cp``."""
+
+    def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, num_groups=1, norm="BN",
+                 stride_in_1x1=False, dilation=1, avg_down=False, plugins=(), zero_init_residual=False,
+                 with_cp=False):
+        norm = CheckedNorm(norm)
+        super().__init__(in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
+                         num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation)
+        self.shortcut_pool = None
+        if avg_down:
+            _avg_down_shortcut(self, norm, stride)
+        self.after_conv1 = _make_plugins(plugins, "after_conv1", bottleneck_channels)
+        self.after_conv2 = _make_plugins(plugins, "after_conv2", bottleneck_channels)
+        self.after_conv3 = _make_plugins(plugins, "after_conv3", out_channels)
+        if zero_init_residual:
+            _zero_init(self.conv3.norm)
+        self.with_cp = with_cp
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut_pool is not None:
+            x = self.shortcut_pool(x)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return x
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        out = self.after_conv1(out)
+        out = F.relu_(self.conv2(out))
+        out = self.after_conv2(out)
+        out = self.conv3(out)
+        out = self.after_conv3(out)
+        out = out + self._shortcut(x)
+        return F.relu_(out)
+
+
+class _DeformConv2d(torchvision.ops.DeformConv2d):
+    """torchvision's deformable conv (CPU and GPU) with a detectron2-style ``norm`` child."""
+
+    def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = super().forward(x, offset, mask)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+class ResNetDeformBottleneckBlock(ResNetBottleneckBlock):
+    """Bottleneck with a deformable 3x3 conv (DCNv1, or DCNv2 with ``deform_modulated``).
+
+    Same parameter names and offset layout as detectron2's ``DeformBottleneckBlock``
+    (``conv2_offset`` predicts ``2*9*G`` offsets, plus ``9*G`` mask logits for v2), but
+    the op is ``torchvision.ops.deform_conv2d``, which runs on CPU and GPU.
+    """
+
+    def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, num_groups=1, norm="BN",
+                 stride_in_1x1=False, dilation=1, deform_modulated=False, deform_num_groups=1, **kwargs):
+        super().__init__(in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
+                         num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation, **kwargs)
+        norm = CheckedNorm(norm)
+        stride_3x3 = 1 if stride_in_1x1 else stride
+        self.deform_modulated = deform_modulated
+        offset_channels = (27 if deform_modulated else 18) * deform_num_groups
+        self.conv2_offset = Conv2d(bottleneck_channels, offset_channels, kernel_size=3, stride=stride_3x3,
+                                   padding=dilation, dilation=dilation)
+        old_norm = self.conv2.norm
+        self.conv2 = _DeformConv2d(bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3,
+                                   padding=dilation, dilation=dilation, groups=num_groups, bias=False,
+                                   norm=norm(bottleneck_channels) if old_norm is not None else None)
+        weight_init.c2_msra_fill(self.conv2)
+        nn.init.zeros_(self.conv2_offset.weight)
+        nn.init.zeros_(self.conv2_offset.bias)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu_(self.conv1(x))
+        out = self.after_conv1(out)
+        offset = self.conv2_offset(out)
+        if self.deform_modulated:
+            n = offset.shape[1] // 3
+            mask = offset[:, 2 * n:].sigmoid()
+            out = self.conv2(out, offset[:, : 2 * n], mask)
+        else:
+            out = self.conv2(out, offset)
+        out = F.relu_(out)
+        out = self.after_conv2(out)
+        out = self.conv3(out)
+        out = self.after_conv3(out)
+        out = out + self._shortcut(x)
+        return F.relu_(out)
+
+
+class ResNet(NormEvalMixin, _D2ResNet):
+    """detectron2's :class:`ResNet` plus ``norm_eval``; freezing is detectron2's per-block freeze.
+
+    ``freeze_at=k`` freezes the stem (k >= 1) and ``res2..res(k)``: their parameters get
+    ``requires_grad=False`` and *only their* BatchNorms become ``FrozenBatchNorm2d``.
+    ``norm_eval=True`` keeps the running statistics of every other BatchNorm fixed in
+    train mode (affine parameters still learn). Use :func:`build_resnet` to construct one.
+    """
+
+    def __init__(self, stem: nn.Module, stages: List[List[CNNBlockBase]], out_features: Sequence[str],
+                 freeze_at: int = 0, norm_eval: bool = False):
+        super().__init__(stem, stages, num_classes=None, out_features=list(out_features), freeze_at=freeze_at)
+        self.norm_eval = norm_eval
+        self.freeze_at = freeze_at
+        self.train()
+
+
+def _check_choice(key, value, valid):
+    if value not in valid:
+        raise config_error(key, value, valid)
+
+
+def _check_per_stage(key, values, ok, what):
+    values = tuple(values)
+    if len(values) != 4 or not all(ok(v) for v in values):
+        raise config_error(key, list(values), problem=f"must be 4 {what}, one per stage res2..res5",
+                           fix=f"set {key} to 4 {what}, e.g. {[1, 2, 2, 2] if 'stride' in key.lower() else [1, 1, 1, 1]}")
+    return values
+
+
+def _normalise_plugins(plugins, key) -> List[Dict]:
+    out = []
+    for i, p in enumerate(plugins or ()):
+        if not isinstance(p, Mapping):
+            raise config_error(f"{key}[{i}]", p, problem="must be a mapping",
+                               fix="write each plugin as {TYPE: 'gc', POSITION: 'after_conv3', STAGES: [F, T, T, T]}")
+        p = {str(k).lower(): v for k, v in p.items()}
+        unknown = sorted(set(p) - set(_PLUGIN_FIELDS))
+        if unknown:
+            raise config_error(f"{key}[{i}]", unknown[0].upper(), [f.upper() for f in _PLUGIN_FIELDS], nearest=True,
+                               problem="is not a plugin field", fix="remove or rename that field")
+        kind = str(p.get("type", "")).lower()
+        _check_choice(f"{key}[{i}].TYPE", kind, PLUGIN_TYPES)
+        pos = str(p.get("position", "after_conv3")).lower()
+        _check_choice(f"{key}[{i}].POSITION", pos, PLUGIN_POSITIONS)
+        stages = _check_per_stage(f"{key}[{i}].STAGES", p.get("stages", (True,) * 4),
+                                  lambda v: isinstance(v, bool), "booleans")
+        ratio = float(p.get("ratio", 1.0 / 16))
+        if not 0.0 < ratio <= 1.0:
+            raise config_error(f"{key}[{i}].RATIO", ratio, problem="must be in (0, 1]", fix="use e.g. 0.0625 (1/16)")
+        out.append({"type": kind, "position": pos, "stages": stages, "ratio": ratio})
+    return out
+
+
+def build_resnet(
+    depth: int = 50,
+    *,
+    in_channels: int = 3,
+    stem_channels: int = 64,
+    res2_channels: Optional[int] = None,
+    deep_stem: bool = False,
+    avg_down: bool = False,
+    stride_in_1x1: bool = False,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    strides: Sequence[int] = (1, 2, 2, 2),
+    dilations: Sequence[int] = (1, 1, 1, 1),
+    norm: Union[str, callable] = "BN",
+    out_features: Sequence[str] = RESNET_STAGE_NAMES,
+    freeze_at: int = 0,
+    norm_eval: bool = False,
+    with_cp: bool = False,
+    zero_init_residual: bool = False,
+    deform_on_per_stage: Sequence[bool] = (False, False, False, False),
+    deform_modulated: bool = False,
+    deform_num_groups: int = 1,
+    plugins: Sequence[Mapping] = (),
+    keys: Optional[Mapping[str, str]] = None,
+) -> ResNet:
+    """Build a :class:`ResNet` from plain keyword arguments (no config needed).
+
+    Args:
+        depth: 18, 34 (BasicBlock) or 50, 101, 152 (Bottleneck).
+        in_channels: input image channels.
+        stem_channels: stem output channels (deep stem: the 3x3 convs use C/2, C/2, C).
+        res2_channels: res2 output channels; default 64 (Basic) / 256 (Bottleneck), doubled per stage.
+        deep_stem: three 3x3 convs instead of the 7x7 (ResNet-V1c).
+        avg_down: average-pool before the strided 1x1 shortcut (ResNet-V1d with ``deep_stem``).
+        stride_in_1x1: caffe/MSRA style (stride on the first 1x1) if True, pytorch style (3x3) if False.
+        num_groups, width_per_group: ResNeXt cardinality and width (res2 bottleneck = groups * width).
+        strides, dilations: per stage res2..res5 (first block's stride; every block's dilation).
+        norm: any :func:`detectron2.layers.get_norm` name or a callable.
+        out_features: subset of ``stem, res2..res5``; later stages are not built.
+        freeze_at: 0 nothing, 1 stem, k stem + res2..res(k) (mmdet ``frozen_stages`` = freeze_at - 1).
+        norm_eval: keep BatchNorm statistics fixed in train mode.
+        with_cp: gradient checkpointing per block.
+        zero_init_residual: zero the last norm's weight of every residual branch.
+        deform_on_per_stage, deform_modulated, deform_num_groups: DCN (Bottleneck only).
+        plugins: dicts ``{"type": "gc"|"se", "position": "after_conv1|2|3", "stages": [4 bools], "ratio": r}``.
+        keys: names to use in error messages instead of the argument names (the
+            registered builders pass config keys such as ``MODEL.RESNETS.DEPTH``).
+
+    Returns:
+        ResNet: a detectron2 ``Backbone`` whose ``output_shape()`` gives the exact channels and strides.
+    """
+    k = dict(keys or {})
+
+    def key(name):
+        return k.get(name, name)
+
+    if depth not in RESNET_DEPTHS:
+        raise config_error(key("depth"), depth, list(RESNET_DEPTHS))
+    kind, blocks_per_stage = RESNET_DEPTHS[depth]
+    out_features = list(out_features)
+    if not out_features:
+        raise config_error(key("out_features"), out_features, RESNET_FEATURES, problem="is empty")
+    for f in out_features:
+        if f not in RESNET_FEATURES:
+            raise config_error(key("out_features"), out_features, RESNET_FEATURES,
+                               problem=f"contains {f!r}, which ResNet does not produce",
+                               fix=f"use names from {list(RESNET_FEATURES)}")
+    strides = _check_per_stage(key("strides"), strides, lambda v: isinstance(v, int) and v >= 1, "positive ints")
+    dilations = _check_per_stage(key("dilations"), dilations, lambda v: isinstance(v, int) and v >= 1,
+                                 "positive ints")
+    deform = _check_per_stage(key("deform_on_per_stage"), deform_on_per_stage, lambda v: isinstance(v, bool),
+                              "booleans")
+    plugins = _normalise_plugins(plugins, key("plugins"))
+    num_built = max(RESNET_FEATURES.index(f) for f in out_features)
+    top = num_built + 1  # stem + the built stages
+    if not isinstance(freeze_at, int) or not 0 <= freeze_at <= top:
+        raise config_error(
+            key("freeze_at"), freeze_at, list(range(0, top + 1)), problem="is out of range for this ResNet",
+            fix=f"use 0 (nothing), 1 (stem), ..., {top} (stem and every built stage up to "
+                f"{RESNET_FEATURES[top - 1]})")
+    if res2_channels is None:
+        res2_channels = 64 if kind == "basic" else 256
+    norm = CheckedNorm(norm, key("norm"))
+
+    if kind == "basic":
+        if res2_channels != 64:
+            raise config_error(key("res2_channels"), res2_channels, [64],
+                               problem=f"must be 64 for ResNet-{depth} (BasicBlock)")
+        if num_groups != 1:
+            raise config_error(key("num_groups"), num_groups, [1], problem=f"must be 1 for ResNet-{depth}",
+                               fix="use depth >= 50 for ResNeXt")
+        if any(deform):
+            raise config_error(key("deform_on_per_stage"), list(deform), [[False] * 4],
+                               problem=f"asks for DCN, which needs Bottleneck blocks (depth >= 50), not ResNet-{depth}",
+                               fix=f"set {key('deform_on_per_stage')} to [False, False, False, False] or use depth 50/101/152")
+        for i, p in enumerate(plugins):
+            if p["position"] == "after_conv3":
+                raise config_error(f"{key('plugins')}[{i}].POSITION", "after_conv3",
+                                   ["after_conv1", "after_conv2"],
+                                   problem=f"does not exist in ResNet-{depth} (BasicBlock has two convs)")
+
+    stem_cls = DeepStem if deep_stem else BasicStem
+    stem = stem_cls(in_channels=in_channels, out_channels=stem_channels, norm=norm)
+
+    stages = []
+    in_ch, out_ch = stem_channels, res2_channels
+    bottleneck = num_groups * width_per_group
+    for idx, n in enumerate(blocks_per_stage[:num_built]):
+        stage_plugins = [p for p in plugins if p["stages"][idx]]
+        common = dict(norm=norm, dilation=dilations[idx], avg_down=avg_down, plugins=stage_plugins,
+                      zero_init_residual=zero_init_residual, with_cp=with_cp)
+        if kind == "basic":
+            block_cls = ResNetBasicBlock
+        else:
+            common.update(bottleneck_channels=bottleneck, num_groups=num_groups, stride_in_1x1=stride_in_1x1)
+            block_cls = ResNetBottleneckBlock
+            if deform[idx]:
+                block_cls = ResNetDeformBottleneckBlock
+                common.update(deform_modulated=deform_modulated, deform_num_groups=deform_num_groups)
+        stages.append(_D2ResNet.make_stage(block_cls, n, in_channels=in_ch, out_channels=out_ch,
+                                           stride_per_block=[strides[idx]] + [1] * (n - 1), **common))
+        in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
+    return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at, norm_eval=norm_eval)
