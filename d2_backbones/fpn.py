@@ -78,15 +78,20 @@ class ExtraConvLevels(nn.Module):
         if self.p7 is not None:
             weight_init.c2_xavier_fill(self.p7)
 
+    @torch.jit.unused
+    def _apply_lateral(self, x: torch.Tensor) -> torch.Tensor:
+        # not scriptable (a referenced module); tracing and eager are fine
+        if not self._lateral:
+            raise RuntimeError("ExtraConvLevels(lateral_source=True) needs attach_lateral(fpn_lateral_conv)")
+        return self._lateral[0](x)
+
     def attach_lateral(self, conv: nn.Module) -> None:
         """Use the FPN's top lateral conv (its weights stay under ``fpn_lateralN``)."""
         self._lateral = (conv,)
 
     def forward(self, x: torch.Tensor):
         if self.lateral_source:
-            if not self._lateral:
-                raise RuntimeError("ExtraConvLevels(lateral_source=True) needs attach_lateral(fpn_lateral_conv)")
-            x = self._lateral[0](x)
+            x = self._apply_lateral(x)
         p6 = self.p6(x)
         if self.p7 is None:
             return [p6]

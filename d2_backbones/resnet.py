@@ -134,14 +134,20 @@ def _make_plugins(plugins: Sequence[Mapping], position: str, channels: int) -> n
     return nn.Sequential(mods)
 
 
-def _avg_down_shortcut(block: CNNBlockBase, norm, stride: int) -> None:
-    """Turn ``block.shortcut`` into AvgPool(stride) + 1x1 conv (stride 1) when stride > 1."""
+def _setup_shortcut(block: CNNBlockBase, norm, stride: int, avg_down: bool) -> None:
+    """Projection shortcut when channels change *or* the block is strided (detectron2 only checks
+    channels, which misses a strided block with equal channels); with ``avg_down`` a strided
+    projection becomes AvgPool(stride) + 1x1 conv with stride 1."""
     block.shortcut_pool = None
-    if block.shortcut is None or stride == 1:
+    if block.shortcut is None and stride == 1:
         return
     out = block.out_channels
-    block.shortcut_pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-    block.shortcut = Conv2d(block.in_channels, out, kernel_size=1, stride=1, bias=False, norm=norm(out))
+    if avg_down and stride > 1:
+        block.shortcut_pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        stride = 1
+    elif block.shortcut is not None:
+        return  # detectron2's own strided 1x1 projection
+    block.shortcut = Conv2d(block.in_channels, out, kernel_size=1, stride=stride, bias=False, norm=norm(out))
     weight_init.c2_msra_fill(block.shortcut)
 
 
@@ -165,9 +171,7 @@ class ResNetBasicBlock(CheckpointMixin, BasicBlock):
         if dilation != 1:
             self.conv1.dilation = (dilation, dilation)
             self.conv1.padding = (dilation, dilation)
-        self.shortcut_pool = None
-        if avg_down:
-            _avg_down_shortcut(self, norm, stride)
+        _setup_shortcut(self, norm, stride, avg_down)
         self.after_conv1 = _make_plugins(plugins, "after_conv1", out_channels)
         self.after_conv2 = _make_plugins(plugins, "after_conv2", out_channels)
         if zero_init_residual:
@@ -197,9 +201,7 @@ class ResNetBottleneckBlock(CheckpointMixin, BottleneckBlock):
         norm = CheckedNorm(norm)
         super().__init__(in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
                          num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation)
-        self.shortcut_pool = None
-        if avg_down:
-            _avg_down_shortcut(self, norm, stride)
+        _setup_shortcut(self, norm, stride, avg_down)
         self.after_conv1 = _make_plugins(plugins, "after_conv1", bottleneck_channels)
         self.after_conv2 = _make_plugins(plugins, "after_conv2", bottleneck_channels)
         self.after_conv3 = _make_plugins(plugins, "after_conv3", out_channels)
@@ -233,7 +235,8 @@ class _DeformConv2d(torchvision.ops.DeformConv2d):
         self.norm = norm
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = super().forward(x, offset, mask)
+        x = torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
+                                          padding=self.padding, dilation=self.dilation, mask=mask)
         if self.norm is not None:
             x = self.norm(x)
         return x

@@ -48,7 +48,8 @@ def train_step(model: nn.Module, x: torch.Tensor) -> None:
     model.train()
     out = model(x)
     loss = sum(v.float().pow(2).mean() for v in out.values())
-    loss.backward()
+    if loss.requires_grad:  # False when every stage is frozen
+        loss.backward()
 
 
 def all_yaml_configs(subdir: str = "") -> list:
