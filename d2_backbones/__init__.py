@@ -42,7 +42,9 @@ _check_detectron2()
 from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .fpn import build_fpn  # noqa: E402
+from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa: E402
 from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
+from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, convert_vovnet_detectron2  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
@@ -61,6 +63,14 @@ __all__ = [
     "RESNET_DEPTHS",
     "ResNet",
     "build_resnet",
+    "VOVNET_SPECS",
+    "VoVNetSpec",
+    "VoVNet",
+    "convert_timm_vovnet",
+    "convert_vovnet_detectron2",
+    "GHOSTNET_V1",
+    "GhostNet",
+    "convert_ghostnet_state_dict",
     "build_fpn",
     "summarize_backbone",
 ]

@@ -23,8 +23,10 @@ from detectron2.utils import comm
 from .config import cfg_get
 from .errors import RegistryKeyError, config_error, format_values, nearest_first
 from .fpn import build_fpn, describe_features
+from .ghostnet import GhostNet
 from .resnet import build_resnet
 from .summary import summarize_backbone
+from .vovnet import VoVNet
 
 __all__ = [
     "REGISTERED_NAMES",
@@ -35,6 +37,12 @@ __all__ = [
     "check_head_features",
     "build_d2b_resnet_backbone",
     "build_d2b_resnet_fpn_backbone",
+    "vovnet_kwargs_from_cfg",
+    "build_d2b_vovnet_backbone",
+    "build_d2b_vovnet_fpn_backbone",
+    "ghostnet_kwargs_from_cfg",
+    "build_d2b_ghostnet_backbone",
+    "build_d2b_ghostnet_fpn_backbone",
     "install_registry_hints",
 ]
 
@@ -265,6 +273,117 @@ def build_d2b_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backb
     """ResNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
     kw = resnet_kwargs_from_cfg(cfg, input_shape)
     return attach_fpn(cfg, build_resnet(**kw, keys=RESNET_KEYS), _resnet_title(kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# GhostNet
+# ---------------------------------------------------------------------------------------------
+GHOSTNET_KEYS = {
+    "width": "MODEL.GHOSTNET.WIDTH",
+    "norm": "MODEL.GHOSTNET.NORM",
+    "out_features": "MODEL.GHOSTNET.OUT_FEATURES",
+    "freeze_at": "MODEL.BACKBONE.FREEZE_AT",
+    "norm_eval": "MODEL.GHOSTNET.NORM_EVAL",
+    "with_cp": "MODEL.GHOSTNET.WITH_CP",
+    "final_conv": "MODEL.GHOSTNET.FINAL_CONV",
+}
+
+
+def ghostnet_kwargs_from_cfg(cfg: CfgNode, input_shape: ShapeSpec) -> Dict:
+    """:class:`~d2_backbones.ghostnet.GhostNet` keyword arguments from ``MODEL.GHOSTNET`` (no building)."""
+    kw = {name: cfg_get(cfg, key) for name, key in GHOSTNET_KEYS.items() if name not in ("norm", "freeze_at")}
+    for name in ("norm_eval", "with_cp", "final_conv"):
+        if not isinstance(kw[name], bool):
+            raise config_error(GHOSTNET_KEYS[name], kw[name], [True, False])
+    out_features = kw["out_features"]
+    if isinstance(out_features, str) or not isinstance(out_features, (list, tuple)):
+        raise config_error(GHOSTNET_KEYS["out_features"], out_features,
+                           problem="must be a list of feature names",
+                           fix='write it as a list, e.g. ["stage2", "stage3", "stage4", "stage5"]')
+    kw["out_features"] = list(out_features)
+    kw["norm"] = check_norm(cfg, "MODEL.GHOSTNET.NORM")
+    kw["freeze_at"] = resolve_freeze_at(cfg)
+    kw["in_channels"] = input_shape.channels
+    return kw
+
+
+def _ghostnet_title(kw: Dict) -> str:
+    return f"GhostNet-{kw['width']:g}x" + ("" if kw["final_conv"] else " (stage5 before the final conv)")
+
+
+@_register
+def build_d2b_ghostnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """GhostNet V1 of any width (``MODEL.GHOSTNET.*``), no FPN."""
+    kw = ghostnet_kwargs_from_cfg(cfg, input_shape)
+    return _finish(cfg, GhostNet(**kw, keys=GHOSTNET_KEYS), _ghostnet_title(kw))
+
+
+@_register
+def build_d2b_ghostnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """GhostNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
+    kw = ghostnet_kwargs_from_cfg(cfg, input_shape)
+    return attach_fpn(cfg, GhostNet(**kw, keys=GHOSTNET_KEYS), _ghostnet_title(kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# VoVNet
+# ---------------------------------------------------------------------------------------------
+VOVNET_KEYS = {
+    "spec": "MODEL.VOVNET.CONV_BODY",
+    "norm": "MODEL.VOVNET.NORM",
+    "out_features": "MODEL.VOVNET.OUT_FEATURES",
+    "freeze_at": "MODEL.BACKBONE.FREEZE_AT",
+    "norm_eval": "MODEL.VOVNET.NORM_EVAL",
+    "with_cp": "MODEL.VOVNET.WITH_CP",
+    "ese_placement": "MODEL.VOVNET.ESE_PLACEMENT",
+    "stage_with_dcn": "MODEL.VOVNET.STAGE_WITH_DCN",
+    "with_modulated_dcn": "MODEL.VOVNET.WITH_MODULATED_DCN",
+    "deformable_groups": "MODEL.VOVNET.DEFORMABLE_GROUPS",
+}
+# vovnet-detectron2 / centermask2 register these; when they are not imported, their yamls use ours.
+REGISTRY_ALIASES.update({
+    "build_vovnet_backbone": "build_d2b_vovnet_backbone",
+    "build_vovnet_fpn_backbone": "build_d2b_vovnet_fpn_backbone",
+})
+
+
+def vovnet_kwargs_from_cfg(cfg: CfgNode, input_shape: ShapeSpec) -> Dict:
+    """:class:`~d2_backbones.vovnet.VoVNet` keyword arguments from ``MODEL.VOVNET`` (no building)."""
+    kw = {name: cfg_get(cfg, key) for name, key in VOVNET_KEYS.items() if name not in ("norm", "freeze_at")}
+    for name in ("norm_eval", "with_cp", "with_modulated_dcn"):
+        if not isinstance(kw[name], bool):
+            raise config_error(VOVNET_KEYS[name], kw[name], [True, False])
+    for name in ("out_features", "stage_with_dcn"):
+        if isinstance(kw[name], str) or not isinstance(kw[name], (list, tuple)):
+            raise config_error(VOVNET_KEYS[name], kw[name], problem="must be a list",
+                               fix='write it as a list, e.g. ["stage2", "stage3", "stage4", "stage5"]'
+                               if name == "out_features" else "write it as a list of 4 bools")
+        kw[name] = list(kw[name])
+    kw["ese_placement"] = kw["ese_placement"] or None
+    kw["norm"] = check_norm(cfg, "MODEL.VOVNET.NORM")
+    kw["freeze_at"] = resolve_freeze_at(cfg)
+    kw["in_channels"] = input_shape.channels
+    return kw
+
+
+def _vovnet_title(model: VoVNet) -> str:
+    dcn = [n for n in model.stage_names if any("/conv_offset" in k for k, _ in getattr(model, n).named_modules())]
+    return (f"VoVNet {model.spec_name} (eSE={model.spec.ese}, residual={model.spec.residual}"
+            + (f", DCN in {', '.join(dcn)}" if dcn else "") + ")")
+
+
+@_register
+def build_d2b_vovnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """VoVNetV2-eSE / VoVNetV1 (``MODEL.VOVNET.*``, vovnet-detectron2 names), no FPN."""
+    model = VoVNet(**vovnet_kwargs_from_cfg(cfg, input_shape), keys=VOVNET_KEYS)
+    return _finish(cfg, model, _vovnet_title(model))
+
+
+@_register
+def build_d2b_vovnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """VoVNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
+    model = VoVNet(**vovnet_kwargs_from_cfg(cfg, input_shape), keys=VOVNET_KEYS)
+    return attach_fpn(cfg, model, _vovnet_title(model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,85 @@ def _fpn_keys(_C: CN) -> None:
 
 
 # Sections in the order they are added. A new family appends its `_<family>_keys` here.
-_SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys]
+def _train_keys(_C: CN) -> None:
+    _C.SOLVER = CN()
+    # How many periodic checkpoints (model_XXXXXXX.pth) train_net.py keeps; 0 = all (detectron2's behaviour).
+    _C.SOLVER.MAX_TO_KEEP = 0
+    _C.TEST = CN()
+    # Metric for keeping the best checkpoint (model_best.pth) at every evaluation, e.g. "bbox/AP";
+    # "" = off. Needs TEST.EVAL_PERIOD > 0.
+    _C.TEST.BEST_CHECKPOINT_METRIC = ""
+    # Whether a higher ("max") or lower ("min") BEST_CHECKPOINT_METRIC is better. Options: "max", "min".
+    _C.TEST.BEST_CHECKPOINT_MODE = "max"
+
+
+_SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys, _train_keys]
+
+
+def _ghostnet_keys(_C: CN) -> None:
+    _C.MODEL.GHOSTNET = CN()
+    # Channel multiplier: any positive float. 0.5, 1.0, 1.3 are timm's ghostnet_050/100/130;
+    # ImageNet weights exist for 1.0 only (timm ghostnet_100.in1k; Huawei's state_dict_73.98.pth).
+    _C.MODEL.GHOSTNET.WIDTH = 1.0
+    # Features to return, each taken at the end of its resolution: "stem" (stride 2, after
+    # blocks.0), "stage2" (4, after blocks.2), "stage3" (8, after blocks.4), "stage4" (16, after
+    # blocks.6), "stage5" (32, after blocks.9 or blocks.8, see FINAL_CONV). Later groups are not built.
+    _C.MODEL.GHOSTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    # Norm of every layer: "FrozenBN" (detectron2's default for pretrained backbones), "BN",
+    # "SyncBN", "naiveSyncBN", "nnSyncBN", "LN". "GN" fails: GhostNet has 8..56-channel layers
+    # that 32 groups do not divide.
+    _C.MODEL.GHOSTNET.NORM = "FrozenBN"
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.GHOSTNET.NORM_EVAL = False
+    # Gradient checkpointing per Ghost bottleneck: same outputs and gradients, less activation
+    # memory, more compute per training step. Options: True, False.
+    _C.MODEL.GHOSTNET.WITH_CP = False
+    # Where "stage5" is taken. True: after the final 1x1 conv + norm + ReLU (blocks.9; 960
+    # channels at width 1.0, as the reference network). False: before it (after blocks.8; 160
+    # channels at width 1.0) and blocks.9 is not built.
+    _C.MODEL.GHOSTNET.FINAL_CONV = True
+
+
+_SECTIONS.append(_ghostnet_keys)
+
+
+def _vovnet_keys(_C: CN) -> None:
+    # Same node and key names as vovnet-detectron2 / centermask2 (their yamls merge unchanged);
+    # their dead keys OUT_CHANNELS and BACKBONE_OUT_CHANNELS are not added (no yaml of either
+    # project sets them; the FPN width is MODEL.FPN.OUT_CHANNELS).
+    _C.MODEL.VOVNET = CN()
+    # Architecture: "V-19-slim-dw-eSE", "V-19-dw-eSE", "V-19-slim-eSE", "V-19-eSE", "V-39-eSE",
+    # "V-57-eSE", "V-99-eSE" (VoVNetV2, vovnet-detectron2's names) or "VoVNetV1-39", "VoVNetV1-57"
+    # (no identity, no eSE; timm vovnet39a/57a). See d2_backbones.vovnet.VOVNET_SPECS.
+    _C.MODEL.VOVNET.CONV_BODY = "V-39-eSE"
+    # Features to return: "stem" (stride 4), "stage2" (4), "stage3" (8), "stage4" (16),
+    # "stage5" (32). Stages after the last one listed are not built.
+    _C.MODEL.VOVNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    # Norm of every layer: "FrozenBN" (vovnet-detectron2's default), "BN", "SyncBN",
+    # "naiveSyncBN", "nnSyncBN", "GN" (GroupNorm(32, C): fails for the slim variants, whose 80-
+    # and 112-channel layers 32 does not divide), "" (no norm; convs get a bias).
+    _C.MODEL.VOVNET.NORM = "FrozenBN"
+    # Where the eSE gates are: "" (the CONV_BODY's own: "all" for V-*-eSE, "none" for VoVNetV1),
+    # "all" (every OSA module: vovnet-detectron2/CenterMask, needed for their checkpoints),
+    # "last" (last module of each stage: timm ese_vovnet*, needed for timm weights), "none".
+    _C.MODEL.VOVNET.ESE_PLACEMENT = ""
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.VOVNET.NORM_EVAL = False
+    # Gradient checkpointing per OSA module: same outputs and gradients, less activation memory,
+    # more compute per training step. Options: True, False.
+    _C.MODEL.VOVNET.WITH_CP = False
+    # Deformable 3x3 OSA layers per stage (4 bools for stage2..stage5; centermask2's key), e.g.
+    # [False, True, True, True]. Not available for the dw variants.
+    _C.MODEL.VOVNET.STAGE_WITH_DCN = [False, False, False, False]
+    # DCNv2 (offsets + modulation mask) instead of DCNv1 (offsets only). Options: True, False.
+    _C.MODEL.VOVNET.WITH_MODULATED_DCN = False
+    # Offset groups of the deformable convs (positive int dividing the layer widths).
+    _C.MODEL.VOVNET.DEFORMABLE_GROUPS = 1
+
+
+_SECTIONS.append(_vovnet_keys)
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,8 @@ builders), so a wrong config fails in seconds, before any data is loaded.
 import difflib
 from typing import Iterable, List, Optional, Sequence
 
-__all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values"]
+__all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values", "check_out_features",
+           "check_freeze_at"]
 
 
 class ConfigError(ValueError):
@@ -77,3 +78,32 @@ def config_error(
     if fix:
         msg += f" Fix: {fix}."
     return ConfigError(msg)
+
+
+def check_out_features(out_features, valid: Sequence[str], key: str, family: str, hint: str = "") -> List[str]:
+    """Validate a backbone's ``out_features`` against the names it can produce; returns them as a list.
+
+    Errors: empty, a name the family does not produce (valid names listed), a name listed twice.
+    """
+    out = list(out_features)
+    valid = list(valid)
+    if not out:
+        raise config_error(key, out, valid, problem="is empty", fix=f"list features from {valid}")
+    for f in out:
+        if f not in valid:
+            raise config_error(key, out, valid, problem=f"contains {f!r}, which {family} does not produce",
+                               fix=f"use names from {valid}{hint}")
+    if len(set(out)) != len(out):
+        raise config_error(key, out, problem="lists a feature twice", fix="list each feature once")
+    return out
+
+
+def check_freeze_at(freeze_at, top: int, stage_names: Sequence[str], key: str, family: str,
+                    stem_note: str = "") -> int:
+    """Validate ``freeze_at`` in ``0..top`` (stem + built stages); ``stage_names[i]`` is unit ``i + 1``."""
+    if isinstance(freeze_at, bool) or not isinstance(freeze_at, int) or not 0 <= freeze_at <= top:
+        raise config_error(
+            key, freeze_at, list(range(top + 1)), problem=f"is out of range for this {family}",
+            fix=f"use 0 (nothing), 1 (stem{stem_note}), ..., {top} (stem and every built stage up to "
+                f"{stage_names[top - 1]})")
+    return freeze_at

@@ -57,7 +57,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
 from detectron2.modeling.backbone.resnet import BasicStem
 
-from .errors import config_error
+from .errors import check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite
 
 __all__ = [
@@ -399,14 +399,7 @@ def build_resnet(
     if depth not in RESNET_DEPTHS:
         raise config_error(key("depth"), depth, list(RESNET_DEPTHS))
     kind, blocks_per_stage = RESNET_DEPTHS[depth]
-    out_features = list(out_features)
-    if not out_features:
-        raise config_error(key("out_features"), out_features, RESNET_FEATURES, problem="is empty")
-    for f in out_features:
-        if f not in RESNET_FEATURES:
-            raise config_error(key("out_features"), out_features, RESNET_FEATURES,
-                               problem=f"contains {f!r}, which ResNet does not produce",
-                               fix=f"use names from {list(RESNET_FEATURES)}")
+    out_features = check_out_features(out_features, RESNET_FEATURES, key("out_features"), "ResNet")
     strides = _check_per_stage(key("strides"), strides, lambda v: isinstance(v, int) and v >= 1, "positive ints")
     dilations = _check_per_stage(key("dilations"), dilations, lambda v: isinstance(v, int) and v >= 1,
                                  "positive ints")
@@ -414,12 +407,7 @@ def build_resnet(
                               "booleans")
     plugins = _normalise_plugins(plugins, key("plugins"))
     num_built = max(RESNET_FEATURES.index(f) for f in out_features)
-    top = num_built + 1  # stem + the built stages
-    if not isinstance(freeze_at, int) or not 0 <= freeze_at <= top:
-        raise config_error(
-            key("freeze_at"), freeze_at, list(range(0, top + 1)), problem="is out of range for this ResNet",
-            fix=f"use 0 (nothing), 1 (stem), ..., {top} (stem and every built stage up to "
-                f"{RESNET_FEATURES[top - 1]})")
+    check_freeze_at(freeze_at, num_built + 1, RESNET_FEATURES, key("freeze_at"), "ResNet")
     if res2_channels is None:
         res2_channels = 64 if kind == "basic" else 256
     norm = CheckedNorm(norm, key("norm"))

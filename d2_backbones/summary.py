@@ -21,7 +21,7 @@ def _norm_names(module: nn.Module) -> List[str]:
     names = set()
     for m in module.modules():
         cls = type(m).__name__
-        if isinstance(m, _NORM_TYPES) or "Norm" in cls:
+        if isinstance(m, _NORM_TYPES) or cls.endswith(("Norm", "Norm2d")):
             names.add(cls)
     return sorted(names)
 
@@ -30,11 +30,16 @@ def summarize_backbone(model: Backbone, title: str = "") -> str:
     """Describe frozen parts, norm per stage, norm_eval, with_cp and outputs of ``model``.
 
     Works for any detectron2 ``Backbone`` (an FPN is described through its bottom-up network).
-    A "stage" is a direct child of the bottom-up network that has parameters or buffers.
+    A "stage" is an entry of ``body.named_stages()`` when the backbone defines it (a list of
+    ``(name, [modules])``), else a direct child of the bottom-up network with parameters or buffers.
     """
     body = model.bottom_up if isinstance(model, FPN) else model
+    if hasattr(body, "named_stages"):
+        stages = [(n, nn.ModuleList(mods)) for n, mods in body.named_stages()]
+    else:
+        stages = list(body.named_children())
     frozen, trainable = [], []
-    for name, child in body.named_children():
+    for name, child in stages:
         params = list(child.parameters())
         if not params and not list(child.buffers()):
             continue
