@@ -1,0 +1,331 @@
+"""What ``train_net.py`` needs beyond detectron2's ``DefaultTrainer``: setup, datasets, checks, CPU DDP.
+
+``train_net.py`` keeps detectron2's standard contract (``default_argument_parser`` flags and
+trailing ``KEY VALUE`` overrides) and adds:
+
+* ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable): COCO-format datasets registered inside
+  ``main`` (so every spawned worker has them); same name + same files twice is harmless, a
+  different file or a clash with a built-in name is an error.
+* ``--num-classes auto``: set every head's ``NUM_CLASSES`` from the datasets' ``thing_classes``;
+  without it a mismatch is an error naming each key and value.
+* the ``shapes_train`` / ``shapes_val`` quickstart datasets, generated on first use
+  (:mod:`d2_backbones.shapes`).
+
+Setup order: ``get_cfg`` -> :func:`~d2_backbones.add_config` -> file -> overrides -> checks ->
+``default_setup``. The :class:`Trainer` uses COCO evaluation, keeps ``SOLVER.MAX_TO_KEEP``
+periodic checkpoints, optionally a best checkpoint, writes checkpoints atomically (a SIGKILL never
+leaves a half-written file under a final name), logs what ``--resume`` resumes from, and runs
+multi-process on CPU (gloo; detectron2's ``create_ddp_model`` passes ``device_ids``, which CPU DDP
+rejects).
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import detectron2.engine.defaults as _d2_defaults
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .config import add_config, get_cfg
+from .errors import ConfigError, config_error
+
+__all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
+           "AtomicCheckpointer", "ddp_any_device"]
+
+logger = logging.getLogger("d2_backbones")
+
+SHAPES_DATASETS = ("shapes_train", "shapes_val")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def argument_parser() -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser`` plus ``--register-coco`` and ``--num-classes``."""
+    parser = default_argument_parser()
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format dataset (repeatable); use NAME in DATASETS.TRAIN/TEST")
+    parser.add_argument("--num-classes", default=None,
+                        help="'auto': set MODEL.*.NUM_CLASSES from the datasets' classes; an int: set them to it")
+    return parser
+
+
+def check_opts(opts: Sequence[str]) -> None:
+    """A flag placed after the ``KEY VALUE`` overrides is an error that says where it belongs."""
+    for tok in opts:
+        if isinstance(tok, str) and tok.startswith("--"):
+            raise SystemExit(
+                f"Found flag {tok!r} inside the config overrides {list(opts)}. Put --flags before the KEY VALUE "
+                f"overrides, e.g.: train_net.py --config-file X {tok} OUTPUT_DIR out")
+    if len(opts) % 2:
+        raise SystemExit(f"Config overrides must be KEY VALUE pairs; got an odd number of items: {list(opts)}")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def _coco_classes(json_file: str) -> List[str]:
+    with open(json_file) as f:
+        cats = json.load(f).get("categories", [])
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+
+
+def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
+    """Register ``[(name, json, image_root), ...]`` as COCO instance datasets (idempotent, see module doc)."""
+    for name, json_file, image_root in specs:
+        json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+        if not os.path.isfile(json_file):
+            raise ConfigError(f"--register-coco {name}: JSON file {json_file!r} does not exist.")
+        if not os.path.isdir(image_root):
+            raise ConfigError(f"--register-coco {name}: IMAGE_ROOT {image_root!r} is not a directory.")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            old = (meta.get("json_file"), meta.get("image_root"))
+            if old == (json_file, image_root):
+                continue
+            if meta.get("json_file") is None or not getattr(meta, "_d2b_registered", False):
+                raise ConfigError(
+                    f"--register-coco {name}: {name!r} is already a registered dataset (a built-in of detectron2 "
+                    f"or registered by other code). Fix: choose another NAME, e.g. 'my_{name}'.")
+            raise ConfigError(
+                f"--register-coco {name}: {name!r} is already registered with JSON {old[0]!r} and IMAGE_ROOT "
+                f"{old[1]!r}, not {json_file!r} / {image_root!r}. Fix: use a different NAME for different files.")
+        register_coco_instances(name, {"thing_classes": _coco_classes(json_file)}, json_file, image_root)
+        MetadataCatalog.get(name)._d2b_registered = True
+
+
+def _register_used_shapes(cfg) -> None:
+    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
+    if used & set(SHAPES_DATASETS):
+        from .shapes import register_shapes
+        register_shapes()
+
+
+def _head_class_keys(cfg) -> List[str]:
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "RetinaNet":
+        return ["MODEL.RETINANET.NUM_CLASSES"]
+    if arch in ("GeneralizedRCNN", "PanopticFPN"):
+        return ["MODEL.ROI_HEADS.NUM_CLASSES"]
+    return []
+
+
+def _dataset_classes(names: Sequence[str]) -> Dict[str, List[str]]:
+    out = {}
+    for n in names:
+        if n not in DatasetCatalog.list():
+            raise ConfigError(
+                f"Dataset {n!r} (in DATASETS.TRAIN/TEST) is not registered in this process (rank "
+                f"{comm.get_rank()}). Register it with --register-coco {n} JSON IMAGE_ROOT (done inside main(), so "
+                f"spawned workers see it), or register it inside main(); code under 'if __name__ == \"__main__\":' "
+                f"is not run in spawned workers.")
+        meta = MetadataCatalog.get(n)
+        classes = meta.get("thing_classes")
+        if classes is None and meta.get("json_file"):
+            classes = _coco_classes(meta.json_file)
+        if classes is not None:
+            out[n] = list(classes)
+    return out
+
+
+def check_num_classes(cfg, mode: Optional[str] = None) -> None:
+    """Check (or with ``mode='auto'``/an int, set) the heads' NUM_CLASSES against the datasets."""
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    classes = _dataset_classes(names)
+    keys = _head_class_keys(cfg)
+    if mode not in (None, "auto"):
+        try:
+            n = int(mode)
+        except ValueError:
+            raise ConfigError(f"--num-classes={mode!r} must be 'auto' or an int.") from None
+        for k in keys:
+            cfg.merge_from_list([k, n])
+    counts = {n: len(c) for n, c in classes.items()}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"The datasets disagree on their number of classes: {counts}. Train and test datasets "
+                          f"must share one category list.")
+    if not counts:
+        return
+    (dname, dclasses), = list(classes.items())[:1]
+    want = len(dclasses)
+    if mode == "auto":
+        for k in keys:
+            cfg.merge_from_list([k, want])
+        logger.info(f"--num-classes auto: {', '.join(keys)} = {want} (from {dname!r})")
+        return
+    wrong = []
+    for k in keys:
+        node = cfg
+        for p in k.split("."):
+            node = node[p]
+        if node != want:
+            wrong.append(f"{k}={node}")
+    if wrong:
+        shown = dclasses if len(dclasses) <= 10 else dclasses[:10] + ["..."]
+        raise ConfigError(
+            f"Dataset {dname!r} has {want} classes (thing_classes={shown}) but {', '.join(wrong)}. Fix: set "
+            f"{' and '.join(k + ' ' + str(want) for k in keys)} (detectron2 counts foreground classes only, no "
+            f"background), or pass --num-classes auto.")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup(args):
+    """``get_cfg`` -> ``add_config`` -> file -> overrides -> dataset/class checks -> freeze -> ``default_setup``."""
+    check_opts(args.opts)
+    cfg = get_cfg()
+    add_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    register_coco_datasets(getattr(args, "register_coco", []) or [])
+    _register_used_shapes(cfg)
+    check_num_classes(cfg, getattr(args, "num_classes", None))
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose files appear under their final name only when complete.
+
+    Each checkpoint (and the ``last_checkpoint`` tag) is written to a temporary file in the same
+    directory, fsync'ed and renamed, so a process killed mid-save leaves the previous checkpoint and
+    tag intact. After loading, one summary line per top-level module says how many tensors loaded.
+    """
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        keys = list(model.state_dict())
+        bad = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+        groups: Dict[str, List[int]] = {}
+        for k in keys:
+            parts = k.split(".")
+            g = ".".join(parts[:2]) if parts[0] == "backbone" and parts[1] == "bottom_up" else parts[0]
+            tot = groups.setdefault(g, [0, 0])
+            tot[1] += 1
+            tot[0] += k not in bad
+        summary = "; ".join(f"{g}: {a}/{b} tensors loaded" + ("" if a else " (initialised)")
+                            for g, (a, b) in groups.items())
+        self.logger.info(f"Weights loading summary: {summary}")
+        return incompatible
+
+
+# ---------------------------------------------------------------------------------------------- DDP on CPU
+def ddp_any_device(model, *, fp16_compression=False, **kwargs):
+    """``create_ddp_model`` that also works for CPU models (no ``device_ids`` there)."""
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.pop("device_ids", None)
+        return DistributedDataParallel(model, **kwargs)
+    return _ORIGINAL_CREATE_DDP(model, fp16_compression=fp16_compression, **kwargs)
+
+
+_ORIGINAL_CREATE_DDP = _d2_defaults.create_ddp_model
+
+
+@contextlib.contextmanager
+def _ddp_for_any_device():
+    _d2_defaults.create_ddp_model = ddp_any_device
+    try:
+        yield
+    finally:
+        _d2_defaults.create_ddp_model = _ORIGINAL_CREATE_DDP
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` + COCO evaluation, atomic checkpoints, max_to_keep, best checkpoint, CPU DDP."""
+
+    def __init__(self, cfg):
+        with _ddp_for_any_device():
+            super().__init__(cfg)
+        ws = comm.get_world_size()
+        logger.info(f"Effective batch: SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} images per iteration over "
+                    f"{ws} process(es) ({cfg.SOLVER.IMS_PER_BATCH // max(ws, 1)} each), SOLVER.BASE_LR="
+                    f"{cfg.SOLVER.BASE_LR}, MAX_ITER={cfg.SOLVER.MAX_ITER}, device={cfg.MODEL.DEVICE}")
+
+    def build_hooks(self):
+        cfg = self.cfg
+        # same checkpointables (the trainer: optimizer, scheduler, iteration) as detectron2's checkpointer
+        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, **self.checkpointer.checkpointables)
+        ret = super().build_hooks()
+        keep = cfg.SOLVER.MAX_TO_KEEP or None
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                ret[i] = hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                    max_to_keep=keep)
+        metric = cfg.TEST.BEST_CHECKPOINT_METRIC
+        if metric and comm.is_main_process() and cfg.TEST.EVAL_PERIOD > 0:
+            ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, metric,
+                                              mode=cfg.TEST.BEST_CHECKPOINT_MODE))
+        return ret
+
+    def resume_or_load(self, resume=True):
+        cp = self.checkpointer
+        if resume and cp.has_checkpoint():
+            path = cp.get_checkpoint_file()
+            super().resume_or_load(resume=True)
+            logger.info(f"--resume: found {os.path.join(cp.save_dir, 'last_checkpoint')} -> {os.path.basename(path)}; "
+                        f"resuming at iter {self.start_iter} (MODEL.WEIGHTS is ignored when resuming).")
+        else:
+            if resume:
+                logger.info(f"--resume given but no last_checkpoint in OUTPUT_DIR={cp.save_dir}; starting from "
+                            f"MODEL.WEIGHTS={self.cfg.MODEL.WEIGHTS!r} at iter 0.")
+            super().resume_or_load(resume=False)
+            if not self.cfg.MODEL.WEIGHTS:
+                logger.info("Weights loading summary: MODEL.WEIGHTS is empty; every module is initialised from scratch.")
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if evaluator_type != "coco":
+            raise NotImplementedError(
+                f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); train_net.py "
+                f"evaluates COCO-format datasets. Register yours with --register-coco.")
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+

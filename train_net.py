@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train and evaluate detectron2 models with d2_backbones' backbones.
+
+Standard detectron2 usage (every flag of detectron2's default_argument_parser works):
+
+    python train_net.py --config-file configs/ResNet/mask_rcnn_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+    python train_net.py --config-file CONFIG --resume            # continue from OUTPUT_DIR/last_checkpoint
+
+Additions (flags go before the KEY VALUE overrides):
+
+    --register-coco NAME JSON IMAGE_ROOT   register a COCO-format dataset (repeatable)
+    --num-classes auto                     set the heads' NUM_CLASSES from the datasets
+
+On a machine without GPUs use MODEL.DEVICE cpu; --num-gpus N then starts N CPU processes (gloo).
+"""
+import logging
+import os
+
+from detectron2.engine import launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import d2_backbones  # noqa: F401  (registers the backbones)
+from d2_backbones.train import AtomicCheckpointer, Trainer, argument_parser, check_opts, setup
+
+logger = logging.getLogger("d2_backbones")
+
+
+def main(args):
+    cfg = setup(args)  # registers --register-coco datasets in every worker process
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    res = trainer.train()
+    if comm.is_main_process():
+        from d2_backbones.visualize import draw_predictions, plot_curves
+
+        logger.info(f"Wrote {plot_curves(cfg.OUTPUT_DIR)}")
+        if cfg.DATASETS.TEST:
+            png = os.path.join(cfg.OUTPUT_DIR, "predictions.png")
+            model = getattr(trainer.model, "module", trainer.model)  # unwrap DDP
+            logger.info(f"Wrote {draw_predictions(cfg, model, cfg.DATASETS.TEST[0], png)}")
+    return res
+
+
+def invoke_main() -> None:
+    args = argument_parser().parse_args()
+    check_opts(args.opts)
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    invoke_main()
