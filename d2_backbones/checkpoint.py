@@ -6,6 +6,13 @@ Pure ``dict -> (dict, dropped)`` functions; they never guess. Tensors are not co
   pytorch-style ``ResNet`` with default BN names and timm's plain ``resnet*``).
 * :func:`convert_timm_resnet` - timm ``resnet*`` including the deep-stem ``resnet*c``/``resnet*d``
   (``conv1.{0,1,3,4,6}`` + ``bn1``) and avg-down shortcuts (``downsample.{1,2}``).
+* :func:`convert_mmdet_resnet` - open-mmlab/MMDetection ``ResNet``/``ResNetV1c``/``ResNetV1d``/
+  ``ResNeXt`` (pytorch and caffe style use the same names): deep stem ``stem.{0,1,3,4,6,7}``,
+  GroupNorm ``gn1/gn2/gn3``, DCN ``conv2.conv_offset``.
+
+Avg-down shortcuts are recognised per block: a block with ``downsample.2`` has the pool at
+index 0 (conv ``downsample.1``, norm ``downsample.2``); a block without it uses ``downsample.0/1``
+(MMDetection versions that skip the pool when the stride is 1).
 
 Weights converted from torchvision/timm expect ``MODEL.RESNETS.STRIDE_IN_1X1: False``,
 ``INPUT.FORMAT: RGB``, ``PIXEL_MEAN: [123.675, 116.28, 103.53]``,
@@ -25,7 +32,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-__all__ = ["convert_torchvision_resnet", "convert_timm_resnet"]
+__all__ = ["convert_torchvision_resnet", "convert_timm_resnet", "convert_mmdet_resnet"]
 
 _CLASSIFIER = re.compile(r"^(fc|head\.fc|classifier)\.")
 
@@ -33,7 +40,8 @@ _CLASSIFIER = re.compile(r"^(fc|head\.fc|classifier)\.")
 def _layer_key(k: str, avg_down: bool) -> str:
     m = re.match(r"^layer(\d)\.(\d+)\.(.*)$", k)
     stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
-    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^(?:bn|gn)(\d)\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^conv2\.conv_offset\.", "conv2_offset.", rest)
     conv_i, norm_i = ("1", "2") if avg_down else ("0", "1")
     rest = re.sub(rf"^downsample\.{conv_i}\.", "shortcut.", rest)
     rest = re.sub(rf"^downsample\.{norm_i}\.", "shortcut.norm.", rest)
@@ -41,14 +49,14 @@ def _layer_key(k: str, avg_down: bool) -> str:
 
 
 def _convert(sd: Dict[str, torch.Tensor], stem_map: Dict[str, str]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    avg_down = any(re.match(r"^layer\d\.\d+\.downsample\.2\.", k) for k in sd)
+    avg_blocks = {m.group(1) for m in (re.match(r"^(layer\d\.\d+)\.downsample\.2\.", k) for k in sd) if m}
     out, dropped = {}, []
     for k, v in sd.items():
         if _CLASSIFIER.match(k):
             dropped.append(k)
             continue
         if k.startswith("layer"):
-            out[_layer_key(k, avg_down)] = v
+            out[_layer_key(k, ".".join(k.split(".")[:2]) in avg_blocks)] = v
             continue
         for src, dst in stem_map.items():
             if k.startswith(src):
@@ -76,4 +84,21 @@ def convert_timm_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Te
         return convert_torchvision_resnet(sd)
     stem = {"conv1.0.": "stem.conv1.", "conv1.1.": "stem.conv1.norm.", "conv1.3.": "stem.conv2.",
             "conv1.4.": "stem.conv2.norm.", "conv1.6.": "stem.conv3.", "bn1.": "stem.conv3.norm."}
+    return _convert(sd, stem)
+
+
+def convert_mmdet_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """open-mmlab/MMDetection ``ResNet`` (any ``style``, V1c/V1d, ResNeXt, GN, DCN) -> detectron2 names.
+
+    Stem: ``conv1``/``bn1`` (or ``gn1``) -> ``stem.conv1(.norm)``; deep stem ``stem.0/1`` ->
+    ``stem.conv1(.norm)``, ``stem.3/4`` -> ``stem.conv2(.norm)``, ``stem.6/7`` -> ``stem.conv3(.norm)``.
+    Blocks: ``bnK``/``gnK`` -> ``convK.norm``; DCN ``conv2.conv_offset`` -> ``conv2_offset`` (the
+    deformable weight stays ``conv2.weight``). The names do not say whether the weights are
+    pytorch or caffe style: that is ``MODEL.RESNETS.STRIDE_IN_1X1`` and must be known separately.
+    """
+    if "stem.0.weight" in sd:
+        stem = {"stem.0.": "stem.conv1.", "stem.1.": "stem.conv1.norm.", "stem.3.": "stem.conv2.",
+                "stem.4.": "stem.conv2.norm.", "stem.6.": "stem.conv3.", "stem.7.": "stem.conv3.norm."}
+    else:
+        stem = {"conv1.": "stem.conv1.", "bn1.": "stem.conv1.norm.", "gn1.": "stem.conv1.norm."}
     return _convert(sd, stem)

@@ -39,6 +39,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import add_config, get_cfg
+from .convert import METADATA_KEY, check_shape_skips, check_weights_metadata
 from .errors import ConfigError, config_error
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
@@ -216,8 +217,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     Each checkpoint (and the ``last_checkpoint`` tag) is written to a temporary file in the same
     directory, fsync'ed and renamed, so a process killed mid-save leaves the previous checkpoint and
-    tag intact. After loading, one summary line per top-level module says how many tensors loaded.
+    tag intact. After loading, one summary line per top-level module says how many tensors loaded;
+    loading fails (:class:`~d2_backbones.convert.WeightsMismatchError`) when most backbone tensors
+    of the checkpoint had other shapes (wrong depth/width/variant). With ``cfg``, the metadata of a
+    file written by ``python -m d2_backbones.convert`` is compared with it and a WARNING names every
+    key to set (:func:`~d2_backbones.convert.check_weights_metadata`).
     """
+
+    def __init__(self, model, save_dir: str = "", *, cfg=None, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.cfg = cfg
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -235,7 +244,26 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
+    def _log_incompatible_keys(self, incompatible) -> None:
+        # The per-module summary replaces fvcore's per-key listing of missing keys; what did not
+        # fit (shape mismatches, unexpected keys) is still listed, briefly.
+        if incompatible.incorrect_shapes:
+            shown = "; ".join(f"{k}: checkpoint {tuple(c)} vs model {tuple(m)}"
+                              for k, c, m in incompatible.incorrect_shapes[:5])
+            more = len(incompatible.incorrect_shapes) - 5
+            self.logger.warning(f"Skipped {len(incompatible.incorrect_shapes)} checkpoint tensor(s) with another "
+                                f"shape: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+        unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("num_batches_tracked")]
+        if unexpected:
+            groups: Dict[str, int] = {}
+            for k in unexpected:
+                g = k.split(".")[0]
+                groups[g] = groups.get(g, 0) + 1
+            self.logger.info("Checkpoint tensors the model does not use: "
+                             + ", ".join(f"{g}: {n}" for g, n in groups.items()))
+
     def _load_model(self, checkpoint):
+        metadata = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
         incompatible = super()._load_model(checkpoint)
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         keys = list(model.state_dict())
@@ -250,6 +278,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         summary = "; ".join(f"{g}: {a}/{b} tensors loaded" + ("" if a else " (initialised)")
                             for g, (a, b) in groups.items())
         self.logger.info(f"Weights loading summary: {summary}")
+        check_shape_skips(keys, incompatible.incorrect_shapes, metadata,
+                          loaded_keys=[k for k in checkpoint.get("model", {}) if k in keys])
+        if self.cfg is not None and metadata:
+            check_weights_metadata(self.cfg, metadata, log=self.logger)
         return incompatible
 
 
@@ -291,7 +323,8 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         # same checkpointables (the trainer: optimizer, scheduler, iteration) as detectron2's checkpointer
-        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, **self.checkpointer.checkpointables)
+        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, cfg=cfg,
+                                               **self.checkpointer.checkpointables)
         ret = super().build_hooks()
         keep = cfg.SOLVER.MAX_TO_KEEP or None
         for i, h in enumerate(ret):

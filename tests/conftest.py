@@ -2,17 +2,20 @@
 import glob
 import math
 import os
+import sys
 from typing import Callable, Dict, Optional
 
 import pytest
 import torch
 from torch import nn
 
-import detectron2  # noqa: F401  (the suite must fail loudly when detectron2 is missing)
-import d2_backbones
-from detectron2.modeling import build_model
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # test this checkout, whatever an editable install points to
+
+import detectron2  # noqa: E402,F401  (the suite must fail loudly when detectron2 is missing)
+import d2_backbones  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
 CONFIG_DIR = os.path.join(REPO, "configs")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -165,3 +165,22 @@ def test_full_model_from_package_cfg_runs():
     with torch.no_grad():
         out = model([{"image": torch.zeros(3, 64, 96)}])
     assert out[0]["instances"].image_size == (64, 96)
+
+
+def test_detectron2_version_range_is_checked_at_import():
+    code = ("import detectron2; detectron2.__version__ = '0.2'\n"
+            "try:\n    import d2_backbones\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ERR d2_backbones" in out.stdout and "requires detectron2 >= 0.6 and < 1.0 (found 0.2)" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+
+
+def test_backbone_summary_names_frozen_stages_and_norms():
+    from d2_backbones import GhostNet, build_resnet, summarize_backbone
+    s = summarize_backbone(build_resnet(50, norm="BN", freeze_at=2, norm_eval=True), "ResNet-50")
+    assert s.startswith("ResNet-50 | frozen: stem (FrozenBatchNorm2d), res2 (FrozenBatchNorm2d) | trainable: "
+                        "res3 BatchNorm2d, res4 BatchNorm2d, res5 BatchNorm2d | norm_eval=True")
+    assert "out: res2 s4 256ch, res3 s8 512ch, res4 s16 1024ch, res5 s32 2048ch" in s
+    g = summarize_backbone(GhostNet(1.0, norm="BN", freeze_at=3))
+    assert "frozen: stem (FrozenBatchNorm2d), stage2 (FrozenBatchNorm2d), stage3 (FrozenBatchNorm2d)" in g
+    assert "trainable: stage4 BatchNorm2d, stage5 BatchNorm2d" in g
