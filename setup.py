@@ -32,7 +32,7 @@ setup(
     # torch, torchvision and detectron2 (>=0.6,<1.0) are prerequisites installed by the user,
     # as detectron2 itself does: the right torch build depends on the machine (CPU/CUDA).
     install_requires=["numpy", "fvcore", "yacs>=0.1.8", "pyyaml"],
-    extras_require={"test": ["pytest>=7", "timm>=0.9"]},
+    extras_require={"test": ["pytest>=7", "timm>=0.9", "onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

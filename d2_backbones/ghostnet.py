@@ -243,6 +243,9 @@ class GhostNet(NormEvalMixin, Backbone):
         keys: config-key names for error messages (the registered builders pass them).
     """
 
+    # Python-only helper property: keep TorchScript from compiling it (forward does not use it).
+    __jit_unused_properties__ = ["stage_names"]
+
     def __init__(
         self,
         width: float = 1.0,
@@ -355,7 +358,7 @@ class GhostNet(NormEvalMixin, Backbone):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
-            raise ValueError(f"GhostNet takes an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"GhostNet takes an (N, C, H, W) tensor, got shape {x.shape}")
         outputs: Dict[str, torch.Tensor] = {}
         x = self.act1(self.bn1(self.conv_stem(x)))
         for i, block in enumerate(self.blocks):

@@ -479,12 +479,11 @@ class VoVNet(NormEvalMixin, Backbone):
         return self
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        outputs = {}
-        x = self.stem(x)
-        if "stem" in self._out_features:
-            outputs["stem"] = x
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        # The children are exactly stem, stage2.. in network order; iterating them (instead of
+        # getattr by name) keeps forward scriptable and free of data-dependent control flow.
+        outputs: Dict[str, torch.Tensor] = {}
+        for name, module in self.named_children():
+            x = module(x)
             if name in self._out_features:
                 outputs[name] = x
         return outputs
