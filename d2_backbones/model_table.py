@@ -43,7 +43,7 @@ Columns:
 Example (fast, a subset)::
 
     python -m d2_backbones.model_table --variants R-18 V-19-slim-dw-eSE GhostNet-1.0 \\
-        --latency-runs 10 --out /tmp/table.md
+        --latency-runs 10 --out table.md
 """
 import argparse
 import collections

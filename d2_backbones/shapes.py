@@ -7,7 +7,7 @@ user data takes (``register_coco_instances``, the dataset mapper, ``COCOEvaluato
 
 Example::
 
-    >>> root = make_shapes("/tmp/shapes", n_train=8, n_val=2)
+    >>> root = make_shapes("shapes_demo", n_train=8, n_val=2)
     >>> sorted(os.listdir(root))
     ['annotations', 'manifest.json', 'train', 'val']
 """
