@@ -101,8 +101,8 @@ def resolve_freeze_at(cfg: CfgNode, alias_key: str = "") -> int:
         return freeze_at
     if not isinstance(alias, int) or alias < -1:
         raise config_error(alias_key, alias, problem="must be None or an int >= -1",
-                           fix=f"use -1 (nothing), 0 (stem), k (stem + first k stages), or None to use "
-                               f"MODEL.BACKBONE.FREEZE_AT")
+                           fix="use -1 (nothing), 0 (stem), k (stem + first k stages), or None to use "
+                               "MODEL.BACKBONE.FREEZE_AT")
     if freeze_at not in (2, alias + 1):
         raise config_error(
             alias_key, alias,
@@ -131,10 +131,7 @@ def _head_keys(cfg: CfgNode) -> List[str]:
 def check_head_features(cfg: CfgNode, shapes: Mapping[str, ShapeSpec]) -> None:
     """Fail at build time if a head's ``IN_FEATURES`` asks for a feature the backbone does not produce."""
     for key in _head_keys(cfg):
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        wanted = list(node)
+        wanted = list(cfg_get(cfg, key))
         missing = [f for f in wanted if f not in shapes]
         if missing:
             raise config_error(

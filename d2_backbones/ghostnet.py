@@ -71,7 +71,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
 from .errors import check_freeze_at, check_out_features, config_error
@@ -367,10 +366,6 @@ class GhostNet(NormEvalMixin, Backbone):
             if name is not None:
                 outputs[name] = x
         return outputs
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-                for f in self._out_features}
 
 
 # ---------------------------------------------------------------------------------------------

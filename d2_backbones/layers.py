@@ -21,7 +21,7 @@ Contents:
 * :func:`freeze_module` - per-module freezing for stems that are not blocks.
 """
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointMixin",
     "NormEvalMixin",
     "set_bn_eval",
+    "split_offset_mask",
     "freeze_module",
     "count_params",
 ]
@@ -313,6 +314,16 @@ class CheckpointMixin:
     @torch.jit.unused
     def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
         return _checkpoint_keep_bn_stats(self._forward_impl, self, x)
+
+
+def split_offset_mask(out: torch.Tensor, modulated: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Split a DCN offset-conv output into ``(offset, mask)``: DCNv2 (``modulated``) predicts
+    ``2*K*G`` offsets followed by ``K*G`` mask logits (sigmoid-gated); DCNv1 only offsets
+    (detectron2's and centermask2's layout, as ``torchvision.ops.deform_conv2d`` expects)."""
+    if not modulated:
+        return out, None
+    n = out.shape[1] // 3
+    return out[:, : 2 * n], out[:, 2 * n:].sigmoid()
 
 
 def set_bn_eval(module: nn.Module) -> nn.Module:

@@ -58,7 +58,7 @@ from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
 from detectron2.modeling.backbone.resnet import BasicStem
 
 from .errors import check_freeze_at, check_out_features, config_error
-from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite
+from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite, split_offset_mask
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -271,14 +271,8 @@ class ResNetDeformBottleneckBlock(ResNetBottleneckBlock):
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu_(self.conv1(x))
         out = self.after_conv1(out)
-        offset = self.conv2_offset(out)
-        if self.deform_modulated:
-            n = offset.shape[1] // 3
-            mask = offset[:, 2 * n:].sigmoid()
-            out = self.conv2(out, offset[:, : 2 * n], mask)
-        else:
-            out = self.conv2(out, offset)
-        out = F.relu_(out)
+        offset, mask = split_offset_mask(self.conv2_offset(out), self.deform_modulated)
+        out = F.relu_(self.conv2(out, offset, mask))
         out = self.after_conv2(out)
         out = self.conv3(out)
         out = self.after_conv3(out)

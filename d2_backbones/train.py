@@ -38,9 +38,9 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .config import add_config, get_cfg
+from .config import add_config, cfg_get, get_cfg
 from .convert import METADATA_KEY, check_shape_skips, check_weights_metadata
-from .errors import ConfigError, config_error
+from .errors import ConfigError
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
            "AtomicCheckpointer", "ddp_any_device"]
@@ -165,11 +165,9 @@ def check_num_classes(cfg, mode: Optional[str] = None) -> None:
         return
     wrong = []
     for k in keys:
-        node = cfg
-        for p in k.split("."):
-            node = node[p]
-        if node != want:
-            wrong.append(f"{k}={node}")
+        value = cfg_get(cfg, k)
+        if value != want:
+            wrong.append(f"{k}={value}")
     if wrong:
         shown = dclasses if len(dclasses) <= 10 else dclasses[:10] + ["..."]
         raise ConfigError(

@@ -79,11 +79,11 @@ import torch
 import torchvision
 from torch import nn
 
-from detectron2.layers import CNNBlockBase, ShapeSpec
+from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone import Backbone
 
 from .errors import check_freeze_at, check_out_features, config_error
-from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin
+from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, split_offset_mask
 
 __all__ = [
     "ESE_PLACEMENTS",
@@ -208,11 +208,7 @@ class DeformConvUnit(nn.Module):
             self.add_module(self._names[2], norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset = getattr(self, self._names[0])(x)
-        mask = None
-        if self.modulated:
-            n = offset.shape[1] // 3
-            offset, mask = offset[:, : 2 * n], offset[:, 2 * n:].sigmoid()
+        offset, mask = split_offset_mask(getattr(self, self._names[0])(x), self.modulated)
         x = getattr(self, self._names[1])(x, offset, mask)
         norm = getattr(self, self._names[2], None)
         if norm is not None:
@@ -487,10 +483,6 @@ class VoVNet(NormEvalMixin, Backbone):
             if name in self._out_features:
                 outputs[name] = x
         return outputs
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-                for name in self._out_features}
 
 
 # ---------------------------------------------------------------------------------------------
