@@ -46,6 +46,7 @@ from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa
 from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
 from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, convert_vovnet_detectron2  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
+from .inference import OptimizedPredictor, is_optimized_for_inference, optimize_for_inference  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
@@ -73,4 +74,7 @@ __all__ = [
     "convert_ghostnet_state_dict",
     "build_fpn",
     "summarize_backbone",
+    "optimize_for_inference",
+    "is_optimized_for_inference",
+    "OptimizedPredictor",
 ]

@@ -87,6 +87,11 @@ def _train_keys(_C: CN) -> None:
     _C.TEST.BEST_CHECKPOINT_METRIC = ""
     # Whether a higher ("max") or lower ("min") BEST_CHECKPOINT_METRIC is better. Options: "max", "min".
     _C.TEST.BEST_CHECKPOINT_MODE = "max"
+    # Evaluate with d2_backbones.optimize_for_inference: norms folded into the convolutions and
+    # channels_last (same outputs within float32 rounding, faster). Used by train_net.py's evaluations
+    # (--eval-only and TEST.EVAL_PERIOD; the trained model itself is left untouched).
+    # d2_backbones.OptimizedPredictor always optimizes. Options: True, False.
+    _C.TEST.OPTIMIZE_FOR_INFERENCE = False
 
 
 _SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys, _train_keys]

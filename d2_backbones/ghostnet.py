@@ -172,6 +172,9 @@ class GhostBottleneck(CheckpointMixin, nn.Module):
     ``with_cp`` checkpoints the whole block (:class:`~d2_backbones.layers.CheckpointMixin`).
     """
 
+    # forward applies bn_dw directly to conv_dw's output (used by d2_backbones.optimize_for_inference)
+    conv_norm_pairs = (("conv_dw", "bn_dw"),)
+
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *, kernel_size: int = 3,
                  stride: int = 1, se_ratio: float = 0.0, norm="BN", with_cp: bool = False):
         super().__init__()
@@ -244,6 +247,9 @@ class GhostNet(NormEvalMixin, Backbone):
 
     # Python-only helper property: keep TorchScript from compiling it (forward does not use it).
     __jit_unused_properties__ = ["stage_names"]
+
+    # forward applies bn1 directly to conv_stem's output (used by d2_backbones.optimize_for_inference)
+    conv_norm_pairs = (("conv_stem", "bn1"),)
 
     def __init__(
         self,

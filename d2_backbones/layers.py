@@ -190,7 +190,7 @@ class EffectiveSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-        return x * gate
+        return x * gate if torch.is_grad_enabled() else x.mul_(gate)  # in place when inferring
 
 
 class SqueezeExcite(nn.Module):

@@ -188,7 +188,7 @@ class ResNetBasicBlock(CheckpointMixin, BasicBlock):
             shortcut = self.shortcut_pool(shortcut)
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
-        out = out + shortcut
+        out += shortcut  # in place, as detectron2 (a new tensor here costs page faults on CPU)
         return F.relu_(out)
 
 
@@ -223,7 +223,7 @@ class ResNetBottleneckBlock(CheckpointMixin, BottleneckBlock):
         out = self.after_conv2(out)
         out = self.conv3(out)
         out = self.after_conv3(out)
-        out = out + self._shortcut(x)
+        out += self._shortcut(x)  # in place, as detectron2
         return F.relu_(out)
 
 
@@ -276,7 +276,7 @@ class ResNetDeformBottleneckBlock(ResNetBottleneckBlock):
         out = self.after_conv2(out)
         out = self.conv3(out)
         out = self.after_conv3(out)
-        out = out + self._shortcut(x)
+        out += self._shortcut(x)  # in place, as detectron2
         return F.relu_(out)
 
 

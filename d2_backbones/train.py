@@ -20,10 +20,12 @@ rejects).
 """
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import os
 import tempfile
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -41,6 +43,7 @@ from detectron2.utils.logger import setup_logger
 from .config import add_config, cfg_get, get_cfg
 from .convert import METADATA_KEY, check_shape_skips, check_weights_metadata
 from .errors import ConfigError
+from .inference import is_optimized_for_inference, optimize_for_inference
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
            "AtomicCheckpointer", "ddp_any_device"]
@@ -349,6 +352,21 @@ class Trainer(DefaultTrainer):
             super().resume_or_load(resume=False)
             if not self.cfg.MODEL.WEIGHTS:
                 logger.info("Weights loading summary: MODEL.WEIGHTS is empty; every module is initialised from scratch.")
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation; with ``TEST.OPTIMIZE_FOR_INFERENCE`` it runs on an optimized copy.
+
+        The copy (norms folded, channels_last; see :func:`d2_backbones.optimize_for_inference`)
+        keeps the model being trained intact. A model that is already optimized is used as is.
+        """
+        if cfg.TEST.OPTIMIZE_FOR_INFERENCE and not is_optimized_for_inference(model):
+            model = getattr(model, "module", model)  # DDP
+            t0 = time.perf_counter()
+            model = optimize_for_inference(copy.deepcopy(model).eval())
+            logger.info(f"TEST.OPTIMIZE_FOR_INFERENCE: evaluating an optimized copy of the model (prepared in "
+                        f"{time.perf_counter() - t0:.1f} s)")
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

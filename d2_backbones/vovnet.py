@@ -197,6 +197,7 @@ class DeformConvUnit(nn.Module):
         super().__init__()
         self.modulated = modulated
         self._names = (f"{prefix}/conv_offset", f"{prefix}/conv", f"{prefix}/norm")
+        self.conv_norm_pairs = (self._names[1:],)  # for d2_backbones.optimize_for_inference
         offset = nn.Conv2d(in_ch, (27 if modulated else 18) * deformable_groups, 3, padding=1, bias=True)
         nn.init.zeros_(offset.weight)
         nn.init.zeros_(offset.bias)
@@ -231,6 +232,9 @@ class VoVNetStem(CNNBlockBase):
         for unit in units:
             for name, module in unit.named_children():
                 self.add_module(name, module)
+        # conv -> norm pairs its forward applies in order (for d2_backbones.optimize_for_inference)
+        names = [n for n, _ in self.named_children()]
+        self.conv_norm_pairs = tuple((c, n) for c, n in zip(names, names[1:]) if n.endswith("norm"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for module in self.children():
@@ -287,7 +291,8 @@ class OSAModule(CheckpointMixin, nn.Module):
         if self.ese is not None:
             out = self.ese(out)
         if self.identity:
-            out = out + x
+            # in place when nothing records the graph (inference): saves a feature-map allocation
+            out = out + x if torch.is_grad_enabled() else out.add_(x)
         return out
 
 

@@ -85,6 +85,7 @@ def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_p
         assert os.path.isfile(os.path.join(out, f)), f
     assert "Built backbone: ResNet-18" in log and "Effective batch" in log and "Per-category bbox AP" in log
     assert "Weights loading summary: MODEL.WEIGHTS is empty" in log
+    assert "TEST.OPTIMIZE_FOR_INFERENCE: evaluating an optimized copy" in log  # the quickstart sets it
     recs = _metrics(out)
     losses = [r["total_loss"] for r in recs if "total_loss" in r]
     assert losses[-1] < losses[0]
@@ -92,6 +93,12 @@ def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_p
     ev = _run(common + ["--eval-only", "OUTPUT_DIR", out + "_eval", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")],
               data_root)
     assert _bbox_ap(ev.stdout + ev.stderr) == pytest.approx(ap, abs=0.05)
+    assert "optimize_for_inference: folded" in ev.stdout + ev.stderr
+    # ... and so does the plain eager model (the optimized evaluation changes nothing but speed)
+    ev2 = _run(common + ["--eval-only", "OUTPUT_DIR", out + "_eval2", "MODEL.WEIGHTS",
+                         os.path.join(out, "model_final.pth"), "TEST.OPTIMIZE_FOR_INFERENCE", False], data_root)
+    assert "optimize_for_inference" not in ev2.stdout + ev2.stderr
+    assert _bbox_ap(ev2.stdout + ev2.stderr) == pytest.approx(ap, abs=0.05)
     # --resume continues from the saved iteration
     p2 = _run(common + ["--resume", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 170, "SOLVER.STEPS", "(120,)",
                         "TEST.EVAL_PERIOD", 0], data_root)
