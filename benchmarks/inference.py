@@ -3,7 +3,8 @@
 One run measures, on this machine and in this process:
 
 * **conv peak** - the best fp32 GFLOP/s of a few large channels_last 3x3 convolutions (the
-  machine's practical ceiling for these networks); measured first, and again at the end;
+  machine's practical ceiling for these networks); measured right before each row (the speed of a
+  shared machine drifts), and at the start and the end of the run;
 * per variant and input size (batch 1, backbone + FPN as the detectors run them, max-pool P6):
 
   - **reference**: ResNet - detectron2's own ``build_resnet_fpn_backbone``; GhostNet - timm's
@@ -15,10 +16,11 @@ One run measures, on this machine and in this process:
     channels_last).
 
   All three share the same weights (random, with non-trivial norm statistics); the script checks
-  that their outputs agree (``max |opt - ref| / max |ref|``). Each is run ``--warmup`` times, then
-  ``--runs`` timed rounds interleave the models (each round runs each model once, in rotating order,
-  so drifting machine speed hits all alike); the median is reported. GFLOP/s = 2 x fvcore MACs /
-  time; "% peak" = that / conv peak.
+  that their outputs agree (``max |opt - ref| / max |ref|``). Timing: two passes over the models,
+  in order and then in reverse (a drift in machine speed hits all alike); in each pass a model runs
+  ``--warmup`` untimed times, then about half of ``--runs`` timed times back to back, as a deployed
+  model runs; the median of its ``--runs`` times is reported. GFLOP/s = 2 x fvcore MACs /
+  time; "% of peak" = that / the row's conv peak.
 * **training** (one variant per family, ``--train-size``, batch 2, BN, FREEZE_AT 1, backbone only):
   step time (median of ``--train-runs`` forward+backward) and peak memory of one step without and
   with ``with_cp``. Peak memory is the growth of the peak RSS of a fresh process during the step,
@@ -171,22 +173,26 @@ def max_rel(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
 
 
-def time_interleaved(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, float]:
+def time_models(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, float]:
+    """Median ms per model. Two passes, A B C then C B A, each model ``warmup`` + about ``runs / 2``
+    consecutive runs per pass: back-to-back runs as in real inference (a model reuses the memory it just
+    freed; alternating models would not), and the mirrored order cancels a machine-speed drift."""
     names = list(models)
     times: Dict[str, List[float]] = {k: [] for k in names}
+    per_pass = [(runs + 1) // 2, runs // 2]
     with torch.no_grad():
-        for k in names:
-            for _ in range(warmup):
-                models[k](x)
-        for r in range(runs):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                models[k](x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+        for order, n in zip((names, names[::-1]), per_pass):
+            for k in order:
+                for _ in range(warmup):
+                    models[k](x)
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    models[k](x)
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items() if v}
 
 
-def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int, peak: float) -> Dict:
+def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int) -> Dict:
     from d2_backbones import optimize_for_inference
 
     eager, cfg = build_ours(name)
@@ -198,7 +204,8 @@ def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int, peak
     models = {"eager": eager, "opt": opt}
     if ref is not eager:
         models = {"ref": ref, **models}
-    ms = time_interleaved(models, x, runs, warmup)
+    peak, _ = conv_peak(runs)  # right before timing: the machine's speed drifts
+    ms = time_models(models, x, runs, warmup)
     ms.setdefault("ref", ms["eager"])
     gmacs = count_gmacs(eager, size)
     row = dict(name=name, size=size, ref_label=ref_label, gmacs=gmacs, err_ref=max_rel(out_opt, out_ref),
@@ -207,6 +214,7 @@ def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int, peak
     row["speedup_eager"] = ms["eager"] / ms["opt"]
     row["gflops_opt"] = 2 * gmacs / (ms["opt"] / 1e3)
     row["gflops_ref"] = 2 * gmacs / (ms["ref"] / 1e3)
+    row["peak"] = peak
     row["peak_frac"] = row["gflops_opt"] / peak
     return row
 
@@ -280,13 +288,14 @@ def format_markdown(rows, train_rows, *, peak, peak_end, peak_which, threads, ru
                     command) -> str:
     lines = [
         f"Measured by `{command}` ({seconds / 60:.0f} min): {_cpu_name()}, {threads} threads, torch "
-        f"{torch.__version__}, fp32, batch 1, backbone + FPN (max-pool P6). Median of {runs} interleaved runs "
-        f"after {warmup} warm-up runs. Conv peak: {peak:.0f} GFLOP/s at the start, {peak_end:.0f} at the end "
-        f"(best channels_last 3x3 conv: {peak_which}). GFLOP/s = 2 x fvcore MACs / time.",
+        f"{torch.__version__}, fp32, batch 1, backbone + FPN (max-pool P6). Median of {runs} runs (two mirrored "
+        f"passes, {warmup} warm-up runs per model and pass). GFLOP/s = 2 x fvcore MACs / time. Conv peak = best "
+        f"channels_last 3x3 conv, measured right before each row ({peak:.0f} GFLOP/s at the start of the run, "
+        f"{peak_end:.0f} at the end; best shape at the start: {peak_which}).",
         "",
         "| variant | input | reference | reference ms | eager ms | optimized ms | speedup vs reference | "
-        "vs eager | GMACs | optimized GFLOP/s | % of conv peak | max rel. diff |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "vs eager | GMACs | optimized GFLOP/s | conv peak GFLOP/s | % of peak | max rel. diff |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         target = TARGETS.get(r["name"]) if r["size"] == (640, 640) else None
@@ -294,7 +303,8 @@ def format_markdown(rows, train_rows, *, peak, peak_end, peak_which, threads, ru
         lines.append(
             f"| {r['name']} | {r['size'][0]}×{r['size'][1]} | {r['ref_label']} | {r['ref_ms']:.0f} | "
             f"{r['eager_ms']:.0f} | {r['opt_ms']:.0f} | **{r['speedup_ref']:.2f}×**{mark} | "
-            f"{r['speedup_eager']:.2f}× | {r['gmacs']:.1f} | {r['gflops_opt']:.0f} | {100 * r['peak_frac']:.0f}% | "
+            f"{r['speedup_eager']:.2f}× | {r['gmacs']:.1f} | {r['gflops_opt']:.0f} | {r['peak']:.0f} | "
+            f"{100 * r['peak_frac']:.0f}% | "
             f"{r['err_ref']:.1e} |")
     if train_rows:
         lines += [
@@ -337,8 +347,8 @@ def main(argv: Sequence[str] = None) -> str:
     p.add_argument("--sizes", nargs="+", type=_size, default=[(640, 640), (800, 1344)], metavar="HxW",
                    help="input sizes (default: 640x640 800x1344 = 800x1333 padded to a multiple of 32, as "
                         "detectron2 feeds the FPN)")
-    p.add_argument("--runs", type=int, default=7, help="timed interleaved rounds (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
+    p.add_argument("--runs", type=int, default=8, help="timed runs per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model and pass")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     p.add_argument("--train-variants", nargs="*", default=DEFAULT_TRAIN, metavar="NAME",
                    help="variants for the with_cp training rows (none: skip)")
@@ -370,11 +380,11 @@ def main(argv: Sequence[str] = None) -> str:
     rows = []
     for size in a.sizes:
         for name in a.variants:
-            r = bench_variant(name, size, a.runs, a.warmup, peak)
+            r = bench_variant(name, size, a.runs, a.warmup)
             rows.append(r)
             print(f"{name:18s} {size[0]}x{size[1]}: ref {r['ref_ms']:7.1f} ms  eager {r['eager_ms']:7.1f} ms  "
                   f"opt {r['opt_ms']:7.1f} ms  -> {r['speedup_ref']:.2f}x vs ref, {r['speedup_eager']:.2f}x vs eager; "
-                  f"{r['gflops_opt']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak; max rel diff "
+                  f"{r['gflops_opt']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak {r['peak']:.0f}; max rel diff "
                   f"{r['err_ref']:.1e}", flush=True)
     train_rows = []
     for name in a.train_variants:

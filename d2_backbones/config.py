@@ -148,7 +148,8 @@ def _vovnet_keys(_C: CN) -> None:
     # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
     # parameters still learn unless their stage is frozen. Options: True, False.
     _C.MODEL.VOVNET.NORM_EVAL = False
-    # Gradient checkpointing per OSA module: same outputs and gradients, less activation memory,
+    # Gradient checkpointing inside every OSA module (each 3x3 layer and the concat + 1x1 + eSE part are
+    # recomputed apart): same outputs and gradients, less activation memory,
     # more compute per training step. Options: True, False.
     _C.MODEL.VOVNET.WITH_CP = False
     # Deformable 3x3 OSA layers per stage (4 bools for stage2..stage5; centermask2's key), e.g.

@@ -266,7 +266,7 @@ def _batchnorms_updating(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
 
 
-def _checkpoint_keep_bn_stats(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor):
+def _checkpoint_keep_bn_stats(fn: Callable[..., torch.Tensor], module: nn.Module, *xs: torch.Tensor):
     """``torch.utils.checkpoint`` that does not update BatchNorm running stats twice.
 
     The backward pass re-runs ``fn``; in train mode that would apply a second
@@ -276,21 +276,21 @@ def _checkpoint_keep_bn_stats(fn: Callable[[torch.Tensor], torch.Tensor], module
     """
     calls = [0]
 
-    def run(inp):
+    def run(*inp):
         calls[0] += 1
         if calls[0] == 1:
-            return fn(inp)
+            return fn(*inp)
         saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                  for m in _batchnorms_updating(module)]
         try:
-            return fn(inp)
+            return fn(*inp)
         finally:
             for m, mean, var, nbt in saved:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(nbt)
 
-    return checkpoint(run, x, use_reentrant=False)
+    return checkpoint(run, *xs, use_reentrant=False)
 
 
 class CheckpointMixin:

@@ -83,7 +83,8 @@ from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone import Backbone
 
 from .errors import check_freeze_at, check_out_features, config_error
-from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, split_offset_mask
+from .layers import (CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, _checkpoint_keep_bn_stats,
+                     split_offset_mask)
 
 __all__ = [
     "ESE_PLACEMENTS",
@@ -254,7 +255,7 @@ class OSAModule(CheckpointMixin, nn.Module):
         depthwise: depthwise-separable 3x3 layers (+ 1x1 reduction when widths differ).
         ese: build the eSE gate (attribute ``ese``; ``None`` without it).
         dcn: ``None`` or ``{"modulated": bool, "deformable_groups": int}`` for deformable layers.
-        with_cp: gradient checkpointing of the whole module.
+        with_cp: gradient checkpointing inside the module (each 3x3 layer and the aggregation apart).
     """
 
     def __init__(self, in_channels: int, stage_channels: int, out_channels: int, layer_per_block: int, name: str,
@@ -287,13 +288,29 @@ class OSAModule(CheckpointMixin, nn.Module):
         for layer in self.layers:
             y = layer(y)
             feats.append(y)
+        return self._aggregate(feats)
+
+    def _aggregate(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """concat -> 1x1 ``concat`` unit -> eSE -> + identity (``feats[0]`` is the module input)."""
         out = self.concat(torch.cat(feats, dim=1))
         if self.ese is not None:
             out = self.ese(out)
         if self.identity:
             # in place when nothing records the graph (inference): saves a feature-map allocation
-            out = out + x if torch.is_grad_enabled() else out.add_(x)
+            out = out + feats[0] if torch.is_grad_enabled() else out.add_(feats[0])
         return out
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        # Finer than the whole module: each 3x3 layer and the aggregation are recomputed on their own,
+        # so backward holds one part's activations at a time (the layer outputs are kept: the
+        # aggregation needs them anyway). Same outputs, gradients and BatchNorm statistics.
+        feats = [x]
+        y = x if self.conv_reduction is None else _checkpoint_keep_bn_stats(self.conv_reduction, self.conv_reduction, x)
+        for layer in self.layers:
+            y = _checkpoint_keep_bn_stats(layer, layer, y)
+            feats.append(y)
+        return _checkpoint_keep_bn_stats(lambda *f: self._aggregate(list(f)), self.concat, *feats)
 
 
 class OSAStage(CNNBlockBase):
@@ -374,7 +391,7 @@ class VoVNet(NormEvalMixin, Backbone):
         freeze_at: 0 nothing, 1 stem, k stem + stage2..stage(k) (``requires_grad=False`` and
             *their* BatchNorms become FrozenBatchNorm2d).
         norm_eval: keep BatchNorm statistics fixed in train mode (affine parameters still learn).
-        with_cp: gradient checkpointing per OSA module.
+        with_cp: gradient checkpointing inside every OSA module (see OSAModule).
         ese_placement: ``None`` (the spec's), "all", "last" or "none".
         stage_with_dcn: 4 bools (stage2..stage5): deformable 3x3 OSA layers in that stage.
         with_modulated_dcn: DCNv2 (offsets + mask) instead of DCNv1.

@@ -288,7 +288,7 @@ def test_benchmark_script_runs_and_checks_equality(tmp_path):
     assert "detectron2 ResNet-FPN" in rows[0] and "timm GhostNet + detectron2 FPN" in rows[2]
     assert all(float(r.rstrip(" |").split("|")[-1]) <= RTOL for r in rows), rows  # max rel. diff column
     assert re.search(r"\| GhostNet-0\.5 \| 2×3×64×64 \| \d+ \| \d+ \| [\d.]+× \| \d+ \| \d+ \| \*\*[\d.]+\*\* \|", table)
-    assert re.search(r"Conv peak: \d+ GFLOP/s", table)
+    assert re.search(r"Conv peak = best channels_last 3x3 conv, measured right before each row \(\d+ GFLOP/s", table)
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- inference-benchmark-start -->\nold\n<!-- inference-benchmark-end -->\noutro\n")
