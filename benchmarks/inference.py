@@ -2,9 +2,10 @@
 
 One run measures, on this machine and in this process:
 
-* **conv peak** - the best fp32 GFLOP/s of a few large channels_last 3x3 convolutions (the
-  machine's practical ceiling for these networks); measured right before each row (the speed of a
-  shared machine drifts), and at the start and the end of the run;
+* **conv peak** - fp32 GFLOP/s of a large channels_last 3x3 convolution (256 -> 256 channels at
+  80x80; the machine's practical ceiling for these networks), timed in every round next to the models
+  (the speed of a shared machine drifts); the best of four such convs is also reported at the start and
+  the end of the run;
 * per variant and input size (batch 1, backbone + FPN as the detectors run them, max-pool P6):
 
   - **reference**: ResNet - detectron2's own ``build_resnet_fpn_backbone``; GhostNet - timm's
@@ -16,11 +17,13 @@ One run measures, on this machine and in this process:
     channels_last).
 
   All three share the same weights (random, with non-trivial norm statistics); the script checks
-  that their outputs agree (``max |opt - ref| / max |ref|``). Timing: two passes over the models,
-  in order and then in reverse (a drift in machine speed hits all alike); in each pass a model runs
-  ``--warmup`` untimed times, then about half of ``--runs`` timed times back to back, as a deployed
-  model runs; the median of its ``--runs`` times is reported. GFLOP/s = 2 x fvcore MACs /
-  time; "% of peak" = that / the row's conv peak.
+  that their outputs agree (``max |opt - ref| / max |ref|``). Timing: after ``--warmup`` runs each,
+  ``--runs`` rounds; in a round every model runs twice back to back (untimed, then timed: as a deployed
+  model runs, reusing the memory it just freed), in rotating order, followed by the conv-peak probe.
+  Times are medians over rounds; speedups and "% of peak" are computed within each round (the models
+  of a round see the same machine speed, which drifts a lot on shared machines) and then their median
+  is taken. GFLOP/s = 2 x fvcore MACs /
+  time; "% of peak" = that / the conv peak of the same round.
 * **training** (one variant per family, ``--train-size``, batch 2, BN, FREEZE_AT 1, backbone only):
   step time (median of ``--train-runs`` forward+backward) and peak memory of one step without and
   with ``with_cp``. Peak memory is the growth of the peak RSS of a fresh process during the step,
@@ -28,14 +31,14 @@ One run measures, on this machine and in this process:
   RSS follows live memory (with the default allocator, freed blocks stay in the heap and inflate
   both numbers).
 
-Run (about 15 minutes on 2 cores; ``--update-readme`` rewrites the README table)::
+Run (about 20 minutes on 2 cores; ``--update-readme`` rewrites the README table)::
 
     python benchmarks/inference.py --update-readme
 
 Quick check that everything runs (seconds)::
 
-    python benchmarks/inference.py --variants R-18 GhostNet-0.5 --sizes 64x96 --runs 1 --warmup 0 \\
-        --train-variants GhostNet-0.5 --train-size 64
+    python benchmarks/inference.py --variants R-18 GhostNet-0.5 --sizes 64x96 --large-sizes --runs 1 \\
+        --warmup 0 --train-variants GhostNet-0.5 --train-size 64
 """
 import argparse
 import copy
@@ -173,23 +176,38 @@ def max_rel(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
 
 
-def time_models(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, float]:
-    """Median ms per model. Two passes, A B C then C B A, each model ``warmup`` + about ``runs / 2``
-    consecutive runs per pass: back-to-back runs as in real inference (a model reuses the memory it just
-    freed; alternating models would not), and the mirrored order cancels a machine-speed drift."""
+def _peak_probe():
+    """A 256->256 channels_last 3x3 conv at 80x80 and its flop count: the per-round speed probe."""
+    conv = nn.Conv2d(256, 256, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 80, 80).contiguous(memory_format=torch.channels_last)
+    return (lambda: conv(x)), 2 * 256 * 256 * 9 * 80 * 80
+
+
+def time_rounds(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, List[float]]:
+    """ms per model and round. Each of ``runs`` rounds runs every model twice, untimed then timed (back to
+    back, as a deployed model runs: it reuses the memory it just freed), in rotating order, and times the
+    conv probe (key ``"peak"``, in GFLOP/s). A round takes a few seconds, so the models of a round see the
+    same machine speed, which drifts a lot on shared machines: compare within rounds."""
+    probe, probe_flops = _peak_probe()
     names = list(models)
-    times: Dict[str, List[float]] = {k: [] for k in names}
-    per_pass = [(runs + 1) // 2, runs // 2]
+    times: Dict[str, List[float]] = {k: [] for k in names + ["peak"]}
     with torch.no_grad():
-        for order, n in zip((names, names[::-1]), per_pass):
-            for k in order:
-                for _ in range(warmup):
-                    models[k](x)
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    models[k](x)
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items() if v}
+        for k in names:
+            for _ in range(warmup):
+                models[k](x)
+        for _ in range(2):
+            probe()
+        for r in range(runs):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                models[k](x)
+                t0 = time.perf_counter()
+                models[k](x)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+            probe()
+            t0 = time.perf_counter()
+            probe()
+            times["peak"].append(probe_flops / ((time.perf_counter() - t0) * 1e9))
+    return times
 
 
 def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int) -> Dict:
@@ -204,18 +222,18 @@ def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int) -> D
     models = {"eager": eager, "opt": opt}
     if ref is not eager:
         models = {"ref": ref, **models}
-    peak, _ = conv_peak(runs)  # right before timing: the machine's speed drifts
-    ms = time_models(models, x, runs, warmup)
-    ms.setdefault("ref", ms["eager"])
+    t = time_rounds(models, x, runs, warmup)
+    t.setdefault("ref", t["eager"])
     gmacs = count_gmacs(eager, size)
+    med = statistics.median
     row = dict(name=name, size=size, ref_label=ref_label, gmacs=gmacs, err_ref=max_rel(out_opt, out_ref),
-               err_eager=max_rel(out_opt, out_eager), **{f"{k}_ms": v for k, v in ms.items()})
-    row["speedup_ref"] = ms["ref"] / ms["opt"]
-    row["speedup_eager"] = ms["eager"] / ms["opt"]
-    row["gflops_opt"] = 2 * gmacs / (ms["opt"] / 1e3)
-    row["gflops_ref"] = 2 * gmacs / (ms["ref"] / 1e3)
-    row["peak"] = peak
-    row["peak_frac"] = row["gflops_opt"] / peak
+               err_eager=max_rel(out_opt, out_eager), ref_ms=med(t["ref"]), eager_ms=med(t["eager"]),
+               opt_ms=med(t["opt"]), peak=med(t["peak"]))
+    # paired within rounds, then the median over rounds
+    row["speedup_ref"] = med([a / b for a, b in zip(t["ref"], t["opt"])])
+    row["speedup_eager"] = med([a / b for a, b in zip(t["eager"], t["opt"])])
+    row["gflops_opt"] = 2 * gmacs / (row["opt_ms"] / 1e3)
+    row["peak_frac"] = med([2 * gmacs / (ms / 1e3) / p for ms, p in zip(t["opt"], t["peak"])])
     return row
 
 
@@ -288,10 +306,11 @@ def format_markdown(rows, train_rows, *, peak, peak_end, peak_which, threads, ru
                     command) -> str:
     lines = [
         f"Measured by `{command}` ({seconds / 60:.0f} min): {_cpu_name()}, {threads} threads, torch "
-        f"{torch.__version__}, fp32, batch 1, backbone + FPN (max-pool P6). Median of {runs} runs (two mirrored "
-        f"passes, {warmup} warm-up runs per model and pass). GFLOP/s = 2 x fvcore MACs / time. Conv peak = best "
-        f"channels_last 3x3 conv, measured right before each row ({peak:.0f} GFLOP/s at the start of the run, "
-        f"{peak_end:.0f} at the end; best shape at the start: {peak_which}).",
+        f"{torch.__version__}, fp32, batch 1, backbone + FPN (max-pool P6). {warmup} warm-up runs per model, then "
+        f"{runs} rounds, each running every model twice back to back (the second run timed) and the conv-peak "
+        f"probe (channels_last 256->256 3x3 conv at 80x80); ms are medians over rounds, speedups and % of peak "
+        f"medians of per-round ratios. GFLOP/s = 2 x fvcore MACs / time. Best conv at the start of the run: "
+        f"{peak:.0f} GFLOP/s ({peak_which}), at the end: {peak_end:.0f}.",
         "",
         "| variant | input | reference | reference ms | eager ms | optimized ms | speedup vs reference | "
         "vs eager | GMACs | optimized GFLOP/s | conv peak GFLOP/s | % of peak | max rel. diff |",
@@ -344,9 +363,13 @@ def main(argv: Sequence[str] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME",
                    help=f"model-table variant names (default: {' '.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--sizes", nargs="+", type=_size, default=[(640, 640), (800, 1344)], metavar="HxW",
-                   help="input sizes (default: 640x640 800x1344 = 800x1333 padded to a multiple of 32, as "
-                        "detectron2 feeds the FPN)")
+    p.add_argument("--sizes", nargs="+", type=_size, default=[(640, 640)], metavar="HxW",
+                   help="input sizes for every variant (default: 640x640)")
+    p.add_argument("--large-sizes", nargs="*", type=_size, default=[(800, 1344)], metavar="HxW",
+                   help="input sizes for --large-variants only (default: 800x1344 = 800x1333 padded to a multiple "
+                        "of 32, as detectron2 feeds the FPN)")
+    p.add_argument("--large-variants", nargs="*", default=DEFAULT_TRAIN, metavar="NAME",
+                   help=f"variants also measured at --large-sizes (default: {' '.join(DEFAULT_TRAIN)})")
     p.add_argument("--runs", type=int, default=8, help="timed runs per model (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per model and pass")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
@@ -368,7 +391,7 @@ def main(argv: Sequence[str] = None) -> str:
     import d2_backbones  # noqa: F401  (registers the backbones)
     from d2_backbones.model_table import VARIANTS
 
-    bad = [v for v in a.variants + list(a.train_variants) if v not in VARIANTS]
+    bad = [v for v in a.variants + list(a.train_variants) + list(a.large_variants) if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; valid: {', '.join(VARIANTS)}")
     logging.getLogger("d2_backbones").setLevel(logging.WARNING)
@@ -378,14 +401,15 @@ def main(argv: Sequence[str] = None) -> str:
     print(f"{_cpu_name()}, {a.threads} threads, torch {torch.__version__}; conv peak {peak:.0f} GFLOP/s ({which})",
           flush=True)
     rows = []
-    for size in a.sizes:
-        for name in a.variants:
-            r = bench_variant(name, size, a.runs, a.warmup)
-            rows.append(r)
-            print(f"{name:18s} {size[0]}x{size[1]}: ref {r['ref_ms']:7.1f} ms  eager {r['eager_ms']:7.1f} ms  "
-                  f"opt {r['opt_ms']:7.1f} ms  -> {r['speedup_ref']:.2f}x vs ref, {r['speedup_eager']:.2f}x vs eager; "
-                  f"{r['gflops_opt']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak {r['peak']:.0f}; max rel diff "
-                  f"{r['err_ref']:.1e}", flush=True)
+    plan = [(size, name) for size in a.sizes for name in a.variants]
+    plan += [(size, name) for size in a.large_sizes for name in a.large_variants]
+    for size, name in plan:
+        r = bench_variant(name, size, a.runs, a.warmup)
+        rows.append(r)
+        print(f"{name:18s} {size[0]}x{size[1]}: ref {r['ref_ms']:7.1f} ms  eager {r['eager_ms']:7.1f} ms  "
+              f"opt {r['opt_ms']:7.1f} ms  -> {r['speedup_ref']:.2f}x vs ref, {r['speedup_eager']:.2f}x vs eager; "
+              f"{r['gflops_opt']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak {r['peak']:.0f}; max rel diff "
+              f"{r['err_ref']:.1e}", flush=True)
     train_rows = []
     for name in a.train_variants:
         t = bench_training(name, a.train_size, a.train_batch, a.train_runs)
