@@ -61,6 +61,7 @@ Example::
     >>> GhostNet(1.3, out_features=["stage3", "stage4", "stage5"], final_conv=False).output_shape()["stage5"]
     ShapeSpec(channels=208, height=None, width=None, stride=32)
 """
+import functools
 import logging
 import math
 import numbers
@@ -150,7 +151,7 @@ class GhostModule(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         init = math.ceil(out_channels / ratio)
-        act = nn.ReLU if relu else None
+        act = functools.partial(nn.ReLU, inplace=True) if relu else None  # in place: no extra feature map
         names = ("0", "1", "2")
         self.primary_conv = ConvNormAct(in_channels, init, 1, norm=norm, activation=act, bias=False, names=names)
         self.cheap_operation = ConvNormAct(init, init * (ratio - 1), dw_size, groups=init, norm=norm,
@@ -212,7 +213,8 @@ class GhostBottleneck(CheckpointMixin, nn.Module):
         if self.se is not None:
             out = self.se(out)
         out = self.ghost2(out)
-        return out + self.shortcut(x)
+        # in place when nothing records the graph (inference): saves a feature-map allocation
+        return out + self.shortcut(x) if torch.is_grad_enabled() else out.add_(self.shortcut(x))
 
 
 def _check_width(width, key: str) -> float:
