@@ -168,9 +168,14 @@ def fold_norms(model: nn.Module) -> FoldReport:
     return report
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper, else the model itself."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
 def is_optimized_for_inference(model: nn.Module) -> bool:
     """Whether :func:`optimize_for_inference` was applied to ``model`` (or the model wrapped by DDP)."""
-    return hasattr(getattr(model, "module", model), _MARK)
+    return hasattr(_unwrap(model), _MARK)
 
 
 def _refuse_training(module: nn.Module, args) -> None:
@@ -207,7 +212,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
 
     A second call does nothing. See the module docstring for what is folded and what is kept.
     """
-    model = getattr(model, "module", model)  # DDP
+    model = _unwrap(model)
     if hasattr(model, _MARK):
         return model
     training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]

@@ -361,7 +361,7 @@ class Trainer(DefaultTrainer):
         keeps the model being trained intact. A model that is already optimized is used as is.
         """
         if cfg.TEST.OPTIMIZE_FOR_INFERENCE and not is_optimized_for_inference(model):
-            model = getattr(model, "module", model)  # DDP
+            model = model.module if isinstance(model, DistributedDataParallel) else model
             t0 = time.perf_counter()
             model = optimize_for_inference(copy.deepcopy(model).eval())
             logger.info(f"TEST.OPTIMIZE_FOR_INFERENCE: evaluating an optimized copy of the model (prepared in "
