@@ -98,9 +98,9 @@ def _affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(norm, FrozenBatchNorm2d):
         weight, bias, mean, var, eps = norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps
     elif isinstance(norm, _BatchNorm) and norm.running_mean is not None and norm.running_var is not None:
-        n = norm.running_mean.numel()
-        weight = norm.weight if norm.weight is not None else torch.ones(n)
-        bias = norm.bias if norm.bias is not None else torch.zeros(n)
+        ones = torch.ones_like(norm.running_mean)
+        weight = norm.weight if norm.weight is not None else ones  # affine=False
+        bias = norm.bias if norm.bias is not None else ones * 0
         mean, var, eps = norm.running_mean, norm.running_var, norm.eps
     else:
         return None

@@ -300,3 +300,18 @@ def test_benchmark_script_runs_and_checks_equality(tmp_path):
     bench.update_readme(table, str(readme))
     text = readme.read_text()
     assert "old" not in text and table in text and text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_plain_torch_modules_and_non_affine_bn():
+    """Any nn.Sequential conv -> BN pair folds, including BatchNorm without affine parameters."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d(8))
+    model = randomize_norms(model).eval()
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        ref = model(x)
+    opt = optimize_for_inference(copy.deepcopy(model))
+    with torch.no_grad():
+        assert max_rel_err(opt(x), ref) <= RTOL
+    assert isinstance(opt[1], nn.Identity) and isinstance(opt[4], nn.Identity)
+    assert opt._d2b_inference.folded == ["1", "4"]
