@@ -54,8 +54,9 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 DEFAULT_VARIANTS = ["R-18", "R-50", "R-101", "V-19-slim-dw-eSE", "V-39-eSE", "V-57-eSE",
                     "GhostNet-0.5", "GhostNet-1.0", "GhostNet-1.3"]
@@ -74,17 +75,22 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def conv_probe(c: int = 256, hw: int = 80):
+    """A c->c channels_last 3x3 conv at hw x hw: ``(run, flops)``, the unit of the conv peak."""
+    conv = nn.Conv2d(c, c, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    return (lambda: conv(x)), 2 * c * c * 9 * hw * hw
+
+
 def conv_peak(runs: int = 5) -> Tuple[float, str]:
     """Best fp32 GFLOP/s over a few channels_last 3x3 convolutions (and which one)."""
     best, which = 0.0, ""
     with torch.no_grad():
         for c, hw in ((256, 80), (128, 160), (512, 40), (256, 160)):
-            conv = nn.Conv2d(c, c, 3, padding=1).eval().to(memory_format=torch.channels_last)
-            x = torch.randn(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+            run, flops = conv_probe(c, hw)
             for _ in range(2):
-                conv(x)
-            ms = _median_ms(lambda: conv(x), max(runs, 3))
-            gflops = 2 * c * c * 9 * hw * hw / (ms * 1e6)
+                run()
+            gflops = flops / (_median_ms(run, max(runs, 3)) * 1e6)
             if gflops > best:
                 best, which = gflops, f"{c}->{c} 3x3 at {hw}x{hw}"
     return best, which
@@ -176,19 +182,12 @@ def max_rel(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
 
 
-def _peak_probe():
-    """A 256->256 channels_last 3x3 conv at 80x80 and its flop count: the per-round speed probe."""
-    conv = nn.Conv2d(256, 256, 3, padding=1).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(1, 256, 80, 80).contiguous(memory_format=torch.channels_last)
-    return (lambda: conv(x)), 2 * 256 * 256 * 9 * 80 * 80
-
-
 def time_rounds(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, List[float]]:
     """ms per model and round. Each of ``runs`` rounds runs every model twice, untimed then timed (back to
     back, as a deployed model runs: it reuses the memory it just freed), in rotating order, and times the
     conv probe (key ``"peak"``, in GFLOP/s). A round takes a few seconds, so the models of a round see the
     same machine speed, which drifts a lot on shared machines: compare within rounds."""
-    probe, probe_flops = _peak_probe()
+    probe, probe_flops = conv_probe()  # 256->256 at 80x80
     names = list(models)
     times: Dict[str, List[float]] = {k: [] for k in names + ["peak"]}
     with torch.no_grad():
@@ -256,16 +255,10 @@ def _loss(out: Dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(v.float().square().mean() for v in out.values())
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _child_peak(name: str, with_cp: bool, size: int, batch: int) -> None:
     """(in a fresh process) peak RSS growth in KiB of one forward + backward."""
+    from with_cp_memory import _status_kib  # benchmarks/ is on sys.path (see the top of this file)
+
     model = _build_train(name, with_cp)
     x = torch.randn(batch, 3, size, size)
     base = _status_kib("VmRSS")
