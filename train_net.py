@@ -27,7 +27,8 @@ from detectron2.utils import comm
 
 import d2_backbones  # noqa: F401  (registers the backbones)
 from d2_backbones.inference import optimize_for_inference
-from d2_backbones.train import AtomicCheckpointer, Trainer, argument_parser, check_opts, setup
+from d2_backbones.train import Trainer, argument_parser, check_opts, setup
+from d2_backbones.weights import Checkpointer
 
 logger = logging.getLogger("d2_backbones")
 
@@ -36,7 +37,7 @@ def main(args):
     cfg = setup(args)  # registers --register-coco datasets in every worker process
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        Checkpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if cfg.TEST.OPTIMIZE_FOR_INFERENCE:  # after loading: fold norms, channels_last (see the README)
             optimize_for_inference(model.eval())
         res = Trainer.test(cfg, model)

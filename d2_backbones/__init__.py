@@ -47,6 +47,8 @@ from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
 from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, convert_vovnet_detectron2  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
 from .inference import OptimizedPredictor, is_optimized_for_inference, optimize_for_inference  # noqa: E402
+from .predictor import Predictor  # noqa: E402
+from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
@@ -77,4 +79,7 @@ __all__ = [
     "optimize_for_inference",
     "is_optimized_for_inference",
     "OptimizedPredictor",
+    "Predictor",
+    "Checkpointer",
+    "WeightsMismatchError",
 ]

@@ -92,6 +92,12 @@ def _train_keys(_C: CN) -> None:
     # (--eval-only and TEST.EVAL_PERIOD; the trained model itself is left untouched).
     # d2_backbones.OptimizedPredictor always optimizes. Options: True, False.
     _C.TEST.OPTIMIZE_FOR_INFERENCE = False
+    # What a converted weights file (python -m d2_backbones.convert) whose metadata names another
+    # network than the config (depth, width, eSE placement, FPN, ...) does when loaded: "error" stops
+    # the load naming the keys to set; "warn" (experts) loads what fits and logs a warning.
+    # Preprocessing differences (INPUT.FORMAT, MODEL.PIXEL_MEAN/STD) are always a warning.
+    # Options: "error", "warn".
+    _C.MODEL.WEIGHTS_CHECK = "error"
 
 
 _SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys, _train_keys]

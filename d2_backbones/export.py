@@ -72,6 +72,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .weights import Checkpointer
+
 __all__ = [
     "EXPORT_METHODS",
     "FORMATS",
@@ -141,7 +143,6 @@ def build_export_model(cfg, bottom_up: bool = False, load_weights: bool = True) 
 
     With ``bottom_up`` the FPN's ``bottom_up`` backbone is returned instead of the FPN.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone
 
@@ -150,7 +151,7 @@ def build_export_model(cfg, bottom_up: bool = False, load_weights: bool = True) 
         # a detector checkpoint has "backbone." keys; wrap so its names line up
         holder = nn.Module()
         holder.backbone = model
-        DetectionCheckpointer(holder).load(cfg.MODEL.WEIGHTS)
+        Checkpointer(holder, cfg=cfg).load(cfg.MODEL.WEIGHTS)
     if bottom_up:
         if not hasattr(model, "bottom_up"):
             raise ValueError(f"--bottom-up: {cfg.MODEL.BACKBONE.NAME} builds no FPN (it has no bottom_up); "

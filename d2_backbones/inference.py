@@ -66,8 +66,9 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from detectron2.engine import DefaultPredictor
 from detectron2.layers import FrozenBatchNorm2d
+
+from .predictor import Predictor
 
 __all__ = ["optimize_for_inference", "is_optimized_for_inference", "fold_norms", "OptimizedPredictor",
            "FoldReport"]
@@ -234,11 +235,12 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
     return model
 
 
-class OptimizedPredictor(DefaultPredictor):
-    """detectron2's :class:`DefaultPredictor` with :func:`optimize_for_inference` applied.
+class OptimizedPredictor(Predictor):
+    """detectron2's :class:`DefaultPredictor` with checked loading (:class:`~d2_backbones.Predictor`) and
+    :func:`optimize_for_inference` applied.
 
-    Same constructor and call as ``DefaultPredictor`` (build, load ``cfg.MODEL.WEIGHTS``, eval;
-    then fold). Example::
+    Same constructor and call as ``DefaultPredictor`` (build, load ``cfg.MODEL.WEIGHTS`` through
+    :class:`~d2_backbones.weights.Checkpointer`, eval; then fold). Example::
 
         predictor = OptimizedPredictor(cfg)
         outputs = predictor(cv2.imread("input.jpg"))  # {"instances": Instances(...)}

@@ -43,8 +43,9 @@ Example::
     >>> {k: tuple(v.shape) for k, v in model(torch.zeros(1, 3, 224, 200)).items()}
     {'res2': (1, 256, 56, 50), 'res3': (1, 512, 28, 25), 'res4': (1, 1024, 14, 13), 'res5': (1, 2048, 7, 7)}
 """
+import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -71,6 +72,9 @@ __all__ = [
     "ResNetDeformBottleneckBlock",
     "ResNet",
     "build_resnet",
+    "convert_torchvision_resnet",
+    "convert_timm_resnet",
+    "convert_mmdet_resnet",
 ]
 
 # depth -> (block kind, blocks per stage). The only depth table of the package.
@@ -445,3 +449,93 @@ def build_resnet(
                                            stride_per_block=[strides[idx]] + [1] * (n - 1), **common))
         in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
     return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at, norm_eval=norm_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights: explicit key maps from other ResNet checkpoint formats to ours (detectron2 names)
+# ---------------------------------------------------------------------------------------------
+# Pure ``dict -> (dict, dropped)`` functions; they never guess and never copy tensors. Used by
+# the weights layer's format table (``d2_backbones.weights.formats``). Avg-down shortcuts are
+# recognised per block: a block with ``downsample.2`` has the pool at index 0 (conv
+# ``downsample.1``, norm ``downsample.2``); a block without it uses ``downsample.0/1``
+# (MMDetection versions that skip the pool when the stride is 1). Weights converted from
+# torchvision/timm expect ``MODEL.RESNETS.STRIDE_IN_1X1: False``, ``INPUT.FORMAT: RGB`` and the
+# ImageNet mean/std.
+_CLASSIFIER = re.compile(r"^(fc|head\.fc|classifier)\.")
+
+
+def _layer_key(k: str, avg_down: bool) -> str:
+    m = re.match(r"^layer(\d)\.(\d+)\.(.*)$", k)
+    stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
+    rest = re.sub(r"^(?:bn|gn)(\d)\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^conv2\.conv_offset\.", "conv2_offset.", rest)
+    conv_i, norm_i = ("1", "2") if avg_down else ("0", "1")
+    rest = re.sub(rf"^downsample\.{conv_i}\.", "shortcut.", rest)
+    rest = re.sub(rf"^downsample\.{norm_i}\.", "shortcut.norm.", rest)
+    return f"res{stage}.{block}.{rest}"
+
+
+def _convert(sd: Dict[str, torch.Tensor], stem_map: Dict[str, str]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    avg_blocks = {m.group(1) for m in (re.match(r"^(layer\d\.\d+)\.downsample\.2\.", k) for k in sd) if m}
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if _CLASSIFIER.match(k):
+            dropped.append(k)
+            continue
+        if k.startswith("layer"):
+            out[_layer_key(k, ".".join(k.split(".")[:2]) in avg_blocks)] = v
+            continue
+        for src, dst in stem_map.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+        else:
+            raise KeyError(f"Unmapped ResNet checkpoint key {k!r}: it is neither a stem, stage nor classifier key")
+    return out, sorted(dropped)
+
+
+def convert_torchvision_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """torchvision names -> detectron2 names (``conv1``->``stem.conv1``, ``layerN``->``res{N+1}``,
+    ``bnK``->``convK.norm``, ``downsample.{0,1}``->``shortcut(.norm)``). Returns ``(state_dict, dropped_keys)``.
+
+    Example::
+
+        >>> import torchvision
+        >>> sd, dropped = convert_torchvision_resnet(torchvision.models.resnet50().state_dict())
+        >>> build_resnet(50, norm="BN").load_state_dict(sd)  # strict
+        <All keys matched successfully>
+        >>> dropped
+        ['fc.bias', 'fc.weight']
+    """
+    return _convert(sd, {"conv1.": "stem.conv1.", "bn1.": "stem.conv1.norm."})
+
+
+def convert_timm_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """timm ``resnet*``/``resnet*c``/``resnet*d`` -> detectron2 names with :class:`~.resnet.DeepStem`.
+
+    Deep stem: ``conv1.0``->``stem.conv1``, ``conv1.1``->``stem.conv1.norm``, ``conv1.3``->``stem.conv2``,
+    ``conv1.4``->``stem.conv2.norm``, ``conv1.6``->``stem.conv3``, ``bn1``->``stem.conv3.norm``;
+    avg-down shortcuts ``downsample.1/2`` -> ``shortcut``/``shortcut.norm`` (index 0 is the pool).
+    """
+    if "conv1.0.weight" not in sd:
+        return convert_torchvision_resnet(sd)
+    stem = {"conv1.0.": "stem.conv1.", "conv1.1.": "stem.conv1.norm.", "conv1.3.": "stem.conv2.",
+            "conv1.4.": "stem.conv2.norm.", "conv1.6.": "stem.conv3.", "bn1.": "stem.conv3.norm."}
+    return _convert(sd, stem)
+
+
+def convert_mmdet_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """open-mmlab/MMDetection ``ResNet`` (any ``style``, V1c/V1d, ResNeXt, GN, DCN) -> detectron2 names.
+
+    Stem: ``conv1``/``bn1`` (or ``gn1``) -> ``stem.conv1(.norm)``; deep stem ``stem.0/1`` ->
+    ``stem.conv1(.norm)``, ``stem.3/4`` -> ``stem.conv2(.norm)``, ``stem.6/7`` -> ``stem.conv3(.norm)``.
+    Blocks: ``bnK``/``gnK`` -> ``convK.norm``; DCN ``conv2.conv_offset`` -> ``conv2_offset`` (the
+    deformable weight stays ``conv2.weight``). The names do not say whether the weights are
+    pytorch or caffe style: that is ``MODEL.RESNETS.STRIDE_IN_1X1`` and must be known separately.
+    """
+    if "stem.0.weight" in sd:
+        stem = {"stem.0.": "stem.conv1.", "stem.1.": "stem.conv1.norm.", "stem.3.": "stem.conv2.",
+                "stem.4.": "stem.conv2.norm.", "stem.6.": "stem.conv3.", "stem.7.": "stem.conv3.norm."}
+    else:
+        stem = {"conv1.": "stem.conv1.", "bn1.": "stem.conv1.norm.", "gn1.": "stem.conv1.norm."}
+    return _convert(sd, stem)

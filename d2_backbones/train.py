@@ -13,8 +13,9 @@ trailing ``KEY VALUE`` overrides) and adds:
 
 Setup order: ``get_cfg`` -> :func:`~d2_backbones.add_config` -> file -> overrides -> checks ->
 ``default_setup``. The :class:`Trainer` uses COCO evaluation, keeps ``SOLVER.MAX_TO_KEEP``
-periodic checkpoints, optionally a best checkpoint, writes checkpoints atomically (a SIGKILL never
-leaves a half-written file under a final name), logs what ``--resume`` resumes from, and runs
+periodic checkpoints (counted on disk), optionally a best checkpoint, saves and loads through the
+weights layer's :class:`~d2_backbones.weights.Checkpointer` (safe reading, load checks, atomic
+files, no non-finite state saved), logs what ``--resume`` resumes from, and runs
 multi-process on CPU (gloo; detectron2's ``create_ddp_model`` passes ``device_ids``, which CPU DDP
 rejects).
 """
@@ -24,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -32,7 +32,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.engine.defaults as _d2_defaults
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
@@ -41,7 +40,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import add_config, cfg_get, get_cfg
-from .convert import METADATA_KEY, check_shape_skips, check_weights_metadata
+from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
 from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
 
@@ -198,92 +197,8 @@ def setup(args):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose files appear under their final name only when complete.
-
-    Each checkpoint (and the ``last_checkpoint`` tag) is written to a temporary file in the same
-    directory, fsync'ed and renamed, so a process killed mid-save leaves the previous checkpoint and
-    tag intact. After loading, one summary line per top-level module says how many tensors loaded;
-    loading fails (:class:`~d2_backbones.convert.WeightsMismatchError`) when most backbone tensors
-    of the checkpoint had other shapes (wrong depth/width/variant). With ``cfg``, the metadata of a
-    file written by ``python -m d2_backbones.convert`` is compared with it and a WARNING names every
-    key to set (:func:`~d2_backbones.convert.check_weights_metadata`).
-    """
-
-    def __init__(self, model, save_dir: str = "", *, cfg=None, **kwargs):
-        super().__init__(model, save_dir, **kwargs)
-        self.cfg = cfg
-
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        # The per-module summary replaces fvcore's per-key listing of missing keys; what did not
-        # fit (shape mismatches, unexpected keys) is still listed, briefly.
-        if incompatible.incorrect_shapes:
-            shown = "; ".join(f"{k}: checkpoint {tuple(c)} vs model {tuple(m)}"
-                              for k, c, m in incompatible.incorrect_shapes[:5])
-            more = len(incompatible.incorrect_shapes) - 5
-            self.logger.warning(f"Skipped {len(incompatible.incorrect_shapes)} checkpoint tensor(s) with another "
-                                f"shape: {shown}" + (f" (+{more} more)" if more > 0 else ""))
-        unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("num_batches_tracked")]
-        if unexpected:
-            groups: Dict[str, int] = {}
-            for k in unexpected:
-                g = k.split(".")[0]
-                groups[g] = groups.get(g, 0) + 1
-            self.logger.info("Checkpoint tensors the model does not use: "
-                             + ", ".join(f"{g}: {n}" for g, n in groups.items()))
-
-    def _load_model(self, checkpoint):
-        metadata = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
-        incompatible = super()._load_model(checkpoint)
-        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        keys = list(model.state_dict())
-        bad = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
-        groups: Dict[str, List[int]] = {}
-        for k in keys:
-            parts = k.split(".")
-            g = ".".join(parts[:2]) if parts[0] == "backbone" and parts[1] == "bottom_up" else parts[0]
-            tot = groups.setdefault(g, [0, 0])
-            tot[1] += 1
-            tot[0] += k not in bad
-        summary = "; ".join(f"{g}: {a}/{b} tensors loaded" + ("" if a else " (initialised)")
-                            for g, (a, b) in groups.items())
-        self.logger.info(f"Weights loading summary: {summary}")
-        check_shape_skips(keys, incompatible.incorrect_shapes, metadata,
-                          loaded_keys=[k for k in checkpoint.get("model", {}) if k in keys])
-        if self.cfg is not None and metadata:
-            check_weights_metadata(self.cfg, metadata, log=self.logger)
-        return incompatible
+# The checkpointer of the weights layer; kept under its old name for scripts that import it from here.
+AtomicCheckpointer = Checkpointer
 
 
 # ---------------------------------------------------------------------------------------------- DDP on CPU
@@ -324,14 +239,15 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         # same checkpointables (the trainer: optimizer, scheduler, iteration) as detectron2's checkpointer
-        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, cfg=cfg,
-                                               **self.checkpointer.checkpointables)
+        self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, cfg=cfg, **self.checkpointer.checkpointables)
+        if comm.is_main_process():
+            self.checkpointer.prepare_save_dir()  # temporaries of killed runs, free space
         ret = super().build_hooks()
         keep = cfg.SOLVER.MAX_TO_KEEP or None
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
-                                                    max_to_keep=keep)
+                # detectron2's hook, with max_to_keep counted on disk (holds across resumes)
+                ret[i] = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep)
         metric = cfg.TEST.BEST_CHECKPOINT_METRIC
         if metric and comm.is_main_process() and cfg.TEST.EVAL_PERIOD > 0:
             ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, metric,
@@ -345,6 +261,12 @@ class Trainer(DefaultTrainer):
             super().resume_or_load(resume=True)
             logger.info(f"--resume: found {os.path.join(cp.save_dir, 'last_checkpoint')} -> {os.path.basename(path)}; "
                         f"resuming at iter {self.start_iter} (MODEL.WEIGHTS is ignored when resuming).")
+            final = os.path.join(cp.save_dir, "model_final.pth")
+            if self.start_iter >= self.max_iter and comm.is_main_process() and not cp.path_manager.exists(final):
+                # the run was killed while writing model_final.pth: the state it would hold is this one
+                logger.info(f"The schedule is complete (iter {self.start_iter} of {self.max_iter}) but "
+                            f"model_final.pth is missing (the run was interrupted while writing it); writing it now.")
+                cp.save("model_final", iteration=self.max_iter - 1)
         else:
             if resume:
                 logger.info(f"--resume given but no last_checkpoint in OUTPUT_DIR={cp.save_dir}; starting from "
@@ -352,6 +274,23 @@ class Trainer(DefaultTrainer):
             super().resume_or_load(resume=False)
             if not self.cfg.MODEL.WEIGHTS:
                 logger.info("Weights loading summary: MODEL.WEIGHTS is empty; every module is initialised from scratch.")
+
+    def train(self):
+        """detectron2's training loop; a divergence names the last finite checkpoint and the fix."""
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            if isinstance(e, NonFiniteCheckpointError):
+                msg = str(e)
+            else:
+                last = self.checkpointer.last_complete() if comm.is_main_process() else None
+                msg = (f"{e} The last complete checkpoint is "
+                       + (f"{os.path.join(self.cfg.OUTPUT_DIR, last)} (last_checkpoint names it)." if last
+                          else "none (no checkpoint was written before the divergence)."))
+            raise FloatingPointError(
+                f"Training diverged: {msg} Fix: lower SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR}) or lengthen "
+                f"SOLVER.WARMUP_ITERS (now {self.cfg.SOLVER.WARMUP_ITERS}); --resume continues from the last complete "
+                f"checkpoint.") from e
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

@@ -104,7 +104,7 @@ def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_p
                         "TEST.EVAL_PERIOD", 0], data_root)
     log2 = p2.stdout + p2.stderr
     assert "--resume: found" in log2 and "model_final.pth; resuming at iter 160" in log2, log2[-3000:]
-    assert re.search(r"Weights loading summary: .*backbone.bottom_up: (\d+)/\1 tensors loaded", log2), log2[-3000:]
+    assert re.search(r"Weights loading summary: .*backbone.bottom_up: (\d+)/\1 parameters, (\d+)/\2 buffers loaded", log2), log2[-3000:]
     assert max(r["iteration"] for r in _metrics(out)) == 170  # detectron2 logs the final record at MAX_ITER
 
 

@@ -1,0 +1,126 @@
+"""Command line of the weights layer: ``python -m d2_backbones.convert SRC DST``.
+
+::
+
+    python -m d2_backbones.convert SRC DST [--format auto|FORMAT] [--arch ARCH] [--style pytorch|caffe]
+                                           [--allow-partial]
+
+Reads ``SRC`` safely (:mod:`~d2_backbones.weights.read`), converts it
+(:func:`~d2_backbones.weights.formats.convert_checkpoint`, strict unless ``--allow-partial``) and
+writes, each atomically:
+
+* ``DST`` - ``{"model": {backbone.bottom_up.*: tensor}, "__author__", "matching_heuristics": False,
+  "d2_backbones": metadata}`` for ``MODEL.WEIGHTS``;
+* ``DST`` with the suffix ``.yaml`` (``out.pth`` -> ``out.yaml``) - exactly the config keys the
+  weights need, for ``cfg.merge_from_file`` or ``_BASE_``.
+
+It prints what it wrote and dropped, and a paste-able override string (lists quoted for the shell).
+
+Example::
+
+    $ python -m d2_backbones.convert resnet50-0676ba61.pth r50_tv.pth
+    format torchvision-resnet, arch R-50: 265 tensors written to r50_tv.pth
+    dropped (2 classifier/profiler/head, 53 num_batches_tracked): fc.bias, fc.weight
+    config for these weights written to r50_tv.yaml; as overrides:
+      MODEL.RESNETS.DEPTH 50 ... INPUT.FORMAT "'RGB'" MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" ...
+"""
+import argparse
+import os
+import sys
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+import yaml
+
+from .checks import overrides_string
+from .formats import FORMATS, METADATA_KEY, ConvertError, convert_checkpoint, listing
+from .read import CheckpointReadError, load_file
+from .write import AtomicFile
+
+__all__ = ["main", "config_yaml", "yaml_path_for", "read_checkpoint"]
+
+
+def yaml_path_for(dst: str) -> str:
+    """``out.pth`` -> ``out.yaml`` (the config file written beside converted weights)."""
+    return os.path.splitext(dst)[0] + ".yaml"
+
+
+def config_yaml(config: Mapping[str, Any], source: str = "") -> str:
+    """The dotted ``config`` as a nested yaml document detectron2 merges (``VERSION: 2``)."""
+    tree: Dict[str, Any] = {}
+    for key, value in config.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    head = ("# Config values the converted weights need (written by python -m d2_backbones.convert"
+            + (f" from {source}" if source else "") + ").\n# Merge it with cfg.merge_from_file(...) or use it as "
+            "_BASE_ of your config.\n")
+    return head + yaml.safe_dump({**tree, "VERSION": 2}, sort_keys=False, default_flow_style=None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m d2_backbones.convert",
+                                description="Convert a pretrained checkpoint for d2_backbones.")
+    p.add_argument("src", help="checkpoint to read (.pth/.pt/.bin saved by torch.save)")
+    p.add_argument("dst", help="file to write (load it with MODEL.WEIGHTS); its .yaml is written beside it")
+    p.add_argument("--format", default="auto", choices=("auto",) + tuple(FORMATS))
+    p.add_argument("--arch", default=None, help="R-50, R-101-V1d, X-101-32x8d, V-39-eSE, ghostnet_100, 1.3, ...")
+    p.add_argument("--style", default=None, choices=("pytorch", "caffe"),
+                   help="MMDetection weights only: caffe sets STRIDE_IN_1X1 True, BGR and std 1 (default pytorch)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write the matching tensors even if some do not map or fit (experts)")
+    return p
+
+
+def _read_source(path: str) -> Any:
+    if path.endswith(".pkl"):
+        raise ConvertError(
+            f"{path}: detectron2/Caffe2 .pkl files (e.g. the MSRA ImageNet weights) need no conversion - set "
+            f"MODEL.WEIGHTS to the .pkl; d2_backbones' checkpointer reads it safely (numpy arrays only). MSRA weights "
+            f"expect MODEL.RESNETS.STRIDE_IN_1X1 True, INPUT.FORMAT BGR, MODEL.PIXEL_STD [1.0, 1.0, 1.0].")
+    try:
+        return load_file(path)
+    except ConvertError:
+        raise
+    except CheckpointReadError as e:  # one error type for the converter's callers
+        raise ConvertError(str(e)) from None
+
+
+read_checkpoint = _read_source
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    yaml_dst = yaml_path_for(args.dst)
+    try:
+        if os.path.abspath(args.src) == os.path.abspath(args.dst):
+            raise ConvertError("SRC and DST are the same file.")
+        if os.path.abspath(yaml_dst) in (os.path.abspath(args.src), os.path.abspath(args.dst)):
+            raise ConvertError(f"DST {args.dst!r}: the config is written to {yaml_dst!r}, which is SRC or DST; give "
+                               f"DST another suffix, e.g. .pth.")
+        result = convert_checkpoint(_read_source(args.src), args.format, arch=args.arch, style=args.style,
+                                    allow_partial=args.allow_partial, source=args.src)
+    except CheckpointReadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = result.pop("report")
+    meta = result[METADATA_KEY]
+    with AtomicFile(args.dst, "wb") as f:
+        torch.save(result, f)
+    with AtomicFile(yaml_dst, "w") as f:
+        f.write(config_yaml(meta["config"], os.path.basename(args.src)))
+    nbt = [k for k in report["dropped"] if k.endswith("num_batches_tracked")]
+    other = [k for k in report["dropped"] if not k.endswith("num_batches_tracked")]
+    print(f"format {meta['source_format']}, arch {meta['arch']}: {len(result['model'])} tensors written to "
+          f"{args.dst}")
+    print(f"dropped ({len(other)} classifier/profiler/head, {len(nbt)} num_batches_tracked): {listing(other, 20)}")
+    if meta["partial"]:
+        print(f"--allow-partial: NOT written: {len(report['unexpected'])} unmapped "
+              f"({listing(report['unexpected'])}), {len(report['shape_mismatch'])} shape mismatches "
+              f"({listing(report['shape_mismatch'], 5)}); {len(report['missing'])} model parameters stay "
+              f"initialised ({listing(report['missing'])})")
+    print(f"config for these weights written to {yaml_dst} (merge it, or use it as _BASE_); as overrides:")
+    print(f"  MODEL.WEIGHTS {args.dst} {overrides_string(meta['config'])}")
+    return 0

@@ -1,0 +1,122 @@
+"""Reading checkpoint files so that nothing a file contains can run code.
+
+Every path of the package that opens a weights file goes through :func:`load_file`:
+
+* ``.pth`` / ``.pt`` / ``.pyth`` / anything that is not a ``.pkl``: ``torch.load(...,
+  weights_only=True)``. PyTorch's own restricted unpickler allows tensors, numpy arrays and
+  plain containers; a file that wants any other global is refused before any of it runs.
+* ``.pkl`` (detectron2 / Detectron / Caffe2 model-zoo files, e.g. the MSRA ImageNet weights
+  ``R-50.pkl``: ``{"blobs": {name: ndarray}, ...}`` or ``{"model": {...}, "__author__": ...}``):
+  :class:`RestrictedUnpickler`, which resolves only numpy's array/dtype/scalar reconstructors and
+  builtin containers. detectron2's own loader reads these with plain ``pickle``, which runs any
+  ``__reduce__`` a file carries; this package never hands a user file to it. A ``.pkl`` that is in
+  fact a ``torch.save`` zip archive is read as a ``.pth``.
+
+A refused file raises :class:`UnsafeCheckpointError` naming the file and the refused global;
+an unreadable one (truncated, not a checkpoint) raises :class:`CheckpointReadError`.
+
+Example::
+
+    >>> import numpy as np, pickle, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "R-tiny.pkl")
+    >>> with open(path, "wb") as f:
+    ...     pickle.dump({"blobs": {"conv1_w": np.ones((4, 3, 7, 7), np.float32)}}, f, protocol=2)
+    >>> load_file(path)["blobs"]["conv1_w"].shape
+    (4, 3, 7, 7)
+"""
+import io
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointReadError", "UnsafeCheckpointError", "RestrictedUnpickler", "load_file", "ALLOWED_GLOBALS"]
+
+
+class CheckpointReadError(ValueError):
+    """A weights file that cannot be read: missing, truncated, not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A weights file whose pickle asks for a global outside the allow-list (it could run code)."""
+
+
+def _numpy_multiarray(name: str):
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 moved numpy.core to numpy._core
+    return getattr(core.multiarray, name)
+
+
+# (module, name) -> object. numpy arrays pickle as _reconstruct(ndarray, shape, dtype) + __setstate__;
+# numpy scalars as scalar(dtype, bytes); Python 3 pickles of bytes at protocol 2 use _codecs.encode.
+ALLOWED_GLOBALS = {
+    **{(mod, "_reconstruct"): _numpy_multiarray("_reconstruct")
+       for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(mod, "scalar"): _numpy_multiarray("scalar") for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("_codecs", "encode"): __import__("codecs").encode,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`ALLOWED_GLOBALS` (numpy arrays, dtypes, scalars,
+    ``OrderedDict``); every other global - ``os.system``, ``builtins.eval``, ``subprocess.*``,
+    ``torch.*`` - raises :class:`UnsafeCheckpointError` before anything is called."""
+
+    def __init__(self, file, *, source: str = "<stream>", **kwargs):
+        super().__init__(file, **kwargs)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        obj = ALLOWED_GLOBALS.get((module, name))
+        if obj is None:
+            raise UnsafeCheckpointError(
+                f"{self.source}: refused - the pickle asks for the global '{module}.{name}', which is not a numpy "
+                f"array, dtype or plain container, and could run code. Nothing from the file was executed. A "
+                f"detectron2/Detectron .pkl holds only numpy arrays; if you trust this file, load it in a separate "
+                f"trusted environment and re-save its tensors with torch.save(state_dict).")
+        return obj
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"{self.source}: refused - the pickle uses persistent ids ({pid!r}), which a "
+                                    f"plain .pkl of numpy arrays never does.")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused - its pickle wants to import or call something other than tensors, numpy arrays and "
+            f"plain containers, which could execute code. Nothing from it was run. Details: {_first_line(e)}. If you "
+            f"trust the file, re-save its state_dict as plain tensors in a trusted environment.") from None
+    except Exception as e:  # zip errors, truncated streams, not a torch file at all
+        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupted?): "
+                                  f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def load_file(path: str) -> Any:
+    """Read a local weights file without running code from it (see the module docstring)."""
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"{path}: no such file.")
+    if not path.endswith(".pkl") or zipfile.is_zipfile(path):
+        return _torch_load(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source=path, encoding="latin1").load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated or not a pickle
+        raise CheckpointReadError(f"{path}: not a readable .pkl checkpoint (truncated or corrupted?): "
+                                  f"{type(e).__name__}: {_first_line(e)}") from None
