@@ -199,8 +199,10 @@ class Checkpointer(DetectionCheckpointer):
         params = {k for k, _ in self._bare().named_parameters()}
         not_loaded = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
         self.logger.info(f"Weights loading summary: {load_summary(keys, params, not_loaded)}")
-        check_missing_backbone(keys, incompatible.missing_keys, metadata, log=self.logger, policy=self._policy())
         check_shape_skips(keys, incompatible.incorrect_shapes, metadata, loaded_keys=file_keys)
+        skipped = {k for k, *_ in incompatible.incorrect_shapes}
+        check_missing_backbone(keys, [k for k in incompatible.missing_keys if k not in skipped], metadata,
+                               log=self.logger, policy=self._policy())
         return incompatible
 
     def _log_incompatible_keys(self, incompatible) -> None:

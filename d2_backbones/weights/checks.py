@@ -218,7 +218,8 @@ def check_shape_skips(model_keys: Sequence[str], incorrect_shapes: Sequence, met
     """
     prefix = _backbone_prefix(model_keys)
     bb = [(k, c, m) for k, c, m in incorrect_shapes if k.startswith(prefix)]
-    loaded = [k for k in (loaded_keys or ()) if k.startswith(prefix)]
+    skipped = {k for k, *_ in bb}
+    loaded = [k for k in (loaded_keys or ()) if k.startswith(prefix) and k not in skipped]
     total = len(bb) + len(loaded)
     if not bb or len(bb) * 2 <= total:
         return
