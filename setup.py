@@ -1,7 +1,8 @@
 """d2_backbones: ResNet (MMDetection options), VoVNetV2-eSE and GhostNet backbones for detectron2.
 
 detectron2 itself is a prerequisite that pip cannot install from PyPI (it is not published
-there); install it first, see README.md.
+there); install it first, see README.md (scripts/setup.sh installs torch, detectron2 and this
+package in one command).
 """
 import os
 import re
@@ -16,6 +17,22 @@ def _version():
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+def _config_packages():
+    """configs/ stays at the top of the checkout (as detectron2's model zoo) and ships inside the
+    package as d2_backbones/configs: package_dir maps the folder at build time, so git holds one copy.
+    Every folder is listed as a package (no setuptools warnings about unlisted folders); its *.yaml
+    are package data, its LazyConfig *.py travel as modules of that package."""
+    pkgs = []
+    for d, dirs, _files in os.walk(os.path.join(HERE, "configs")):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        rel = os.path.relpath(d, os.path.join(HERE, "configs"))
+        pkgs.append("d2_backbones.configs" + ("" if rel == "." else "." + rel.replace(os.sep, ".")))
+    return pkgs
+
+
+CONFIG_PACKAGES = _config_packages()
+
+
 def _long_description():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         return f.read()
@@ -27,11 +44,15 @@ setup(
     description="ResNet (MMDetection options), VoVNetV2-eSE and GhostNet backbones for detectron2",
     long_description=_long_description(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["d2_backbones", "d2_backbones.*"]),
+    packages=find_packages(include=["d2_backbones", "d2_backbones.*"]) + CONFIG_PACKAGES,
+    package_dir={"d2_backbones.configs": "configs"},
+    package_data={p: ["*.yaml", "*.py"] for p in CONFIG_PACKAGES},
     python_requires=">=3.8",
     # torch, torchvision and detectron2 (>=0.6,<1.0) are prerequisites installed by the user,
     # as detectron2 itself does: the right torch build depends on the machine (CPU/CUDA).
     install_requires=["numpy", "fvcore", "yacs>=0.1.8", "pyyaml"],
+    # [test]: what the test suite needs beyond the above: pytest, timm (equivalence with timm's models),
+    # onnx + onnxscript + onnxruntime (ONNX export and its numerical check).
     extras_require={"test": ["pytest>=7", "timm>=0.9", "onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]},
     classifiers=[
         "Programming Language :: Python :: 3",

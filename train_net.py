@@ -9,7 +9,8 @@ Standard detectron2 usage (every flag of detectron2's default_argument_parser wo
 
 Additions (flags go before the KEY VALUE overrides):
 
-    --register-coco NAME JSON IMAGE_ROOT   register a COCO-format dataset (repeatable)
+    --register-coco NAME JSON IMAGE_ROOT   register a COCO-format dataset (repeatable; checked before the model is built)
+    --skip-image-check                     ... without looking for every image file on disk
     --num-classes auto                     set the heads' NUM_CLASSES from the datasets
 
 Faster evaluation (norms folded into the convolutions, channels_last; same results):
@@ -17,55 +18,10 @@ Faster evaluation (norms folded into the convolutions, channels_last; same resul
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth TEST.OPTIMIZE_FOR_INFERENCE True
 
 On a machine without GPUs use MODEL.DEVICE cpu; --num-gpus N then starts N CPU processes (gloo).
+
+The same program runs from anywhere as `python -m d2_backbones.train_net` (d2_backbones/train_net.py).
 """
-import logging
-import os
-
-from detectron2.engine import launch
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-
-import d2_backbones  # noqa: F401  (registers the backbones)
-from d2_backbones.inference import optimize_for_inference
-from d2_backbones.train import Trainer, argument_parser, check_opts, setup
-from d2_backbones.weights import Checkpointer
-
-logger = logging.getLogger("d2_backbones")
-
-
-def main(args):
-    cfg = setup(args)  # registers --register-coco datasets in every worker process
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR, cfg=cfg).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        if cfg.TEST.OPTIMIZE_FOR_INFERENCE:  # after loading: fold norms, channels_last (see the README)
-            optimize_for_inference(model.eval())
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    res = trainer.train()
-    if comm.is_main_process():
-        from d2_backbones.visualize import draw_predictions, plot_curves
-
-        logger.info(f"Wrote {plot_curves(cfg.OUTPUT_DIR)}")
-        if cfg.DATASETS.TEST:
-            png = os.path.join(cfg.OUTPUT_DIR, "predictions.png")
-            model = getattr(trainer.model, "module", trainer.model)  # unwrap DDP
-            logger.info(f"Wrote {draw_predictions(cfg, model, cfg.DATASETS.TEST[0], png)}")
-    return res
-
-
-def invoke_main() -> None:
-    args = argument_parser().parse_args()
-    check_opts(args.opts)
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
-
+from d2_backbones.train_net import invoke_main, main  # noqa: F401  (the program lives in the package)
 
 if __name__ == "__main__":
     invoke_main()

@@ -112,10 +112,10 @@ def build_ours(name: str):
     """Our backbone + FPN for a model-table variant, FrozenBN as in the detection configs, eval mode."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone
-    from d2_backbones.model_table import VARIANTS, _FAMILY, variant_cfg
+    from d2_backbones.model_table import variant_cfg, variant_family
 
     cfg = variant_cfg(name, fpn=True)
-    cfg.merge_from_list([f"{_FAMILY[VARIANTS[name][0]][1]}.NORM", "FrozenBN"])
+    cfg.merge_from_list([variant_family(name).arg_keys["norm"], "FrozenBN"])
     torch.manual_seed(0)
     return randomize_norms(build_backbone(cfg, ShapeSpec(channels=3))).eval(), cfg
 
@@ -147,9 +147,9 @@ class _TimmGhostNetTaps(nn.Module):
 
 def build_reference(name: str, ours: nn.Module, cfg) -> Tuple[nn.Module, str]:
     """The reference implementation of ``name`` with our weights, and its label."""
-    from d2_backbones.model_table import VARIANTS
+    from d2_backbones.model_table import variant_family
 
-    family = VARIANTS[name][0]
+    family = variant_family(name).name
     if family == "resnet":
         from detectron2.layers import ShapeSpec
         from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
@@ -291,7 +291,7 @@ def bench_training(name: str, size: int, batch: int, runs: int) -> Dict:
 
 # ---------------------------------------------------------------------------------------------- output
 def _cpu_name() -> str:
-    from d2_backbones.model_table import _cpu_name as cpu_name
+    from d2_backbones.model_table import cpu_name
 
     return cpu_name()
 

@@ -3,13 +3,24 @@
 Use in an existing detectron2 project::
 
     import d2_backbones                      # registers the backbones in BACKBONE_REGISTRY
-    cfg = d2_backbones.add_config(get_cfg())  # adds MODEL.RESNETS.DEEP_STEM, MODEL.FPN.TOP_BLOCK, ...
+    cfg = d2_backbones.get_cfg()             # detectron2's defaults + ours (or add_config(your_cfg))
 
-Importing the package (once or many times) registers every backbone under the names in
-:data:`REGISTERED_NAMES`; none collides with detectron2's, vovnet-detectron2's or
-centermask2's own names. It also makes two detectron2 error messages more helpful (an
-unknown d2_backbones config key says to call :func:`add_config`; an unregistered backbone
-name lists ours, nearest first); nothing else of detectron2 changes.
+What importing the package changes in detectron2, exactly:
+
+1. ``BACKBONE_REGISTRY`` gains two builders per family of :data:`FAMILIES`
+   (:data:`REGISTERED_NAMES`, all ``build_d2b_*``); none collides with detectron2's,
+   vovnet-detectron2's or centermask2's names.
+2. ``BACKBONE_REGISTRY.get`` is wrapped: a name that is not registered resolves through
+   :data:`~d2_backbones.build.REGISTRY_ALIASES` (vovnet-detectron2's ``build_vovnet_backbone`` /
+   ``build_vovnet_fpn_backbone`` -> ours, only while vovnet-detectron2 itself is not imported), and
+   otherwise fails with a message listing our names, nearest first. Registered names resolve as before.
+3. ``CfgNode.merge_from_other_cfg`` and ``CfgNode.merge_from_list`` (so also ``merge_from_file``) are
+   wrapped: an int given for a float key is taken as that float (``MODEL.GHOSTNET.WIDTH 1``; yacs
+   refuses it), and an unknown key of this package says to call :func:`add_config` (a near-miss key
+   suggests the closest existing one). Merges that succeed otherwise behave as before.
+
+Nothing else: detectron2's global default config is never modified (:func:`add_config` mutates only
+the cfg it is given).
 """
 import re
 
@@ -41,6 +52,7 @@ _check_detectron2()
 
 from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .errors import ConfigError  # noqa: E402
+from .families import FAMILIES, Family, FamilyBackbone  # noqa: E402
 from .fpn import build_fpn  # noqa: E402
 from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa: E402
 from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
@@ -48,11 +60,12 @@ from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, conve
 from .summary import summarize_backbone  # noqa: E402
 from .inference import OptimizedPredictor, is_optimized_for_inference, optimize_for_inference  # noqa: E402
 from .predictor import Predictor  # noqa: E402
+from .model_zoo import get_config_file  # noqa: E402  (the configs shipped with the package)
 from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
-from .build import REGISTERED_NAMES  # noqa: E402
+from .build import REGISTERED_NAMES, check_head_features, kwargs_from_cfg, register_family  # noqa: E402
 
 install_config_hints()
 _build.install_registry_hints()
@@ -63,6 +76,12 @@ __all__ = [
     "get_cfg",
     "ConfigError",
     "REGISTERED_NAMES",
+    "FAMILIES",
+    "Family",
+    "FamilyBackbone",
+    "register_family",
+    "kwargs_from_cfg",
+    "check_head_features",
     "RESNET_DEPTHS",
     "ResNet",
     "build_resnet",

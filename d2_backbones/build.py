@@ -1,18 +1,29 @@
-"""The registered backbone builders: the only place that reads a cfg or touches the registry.
+"""The registered backbone builders: the only place that turns a cfg into constructor arguments.
 
-Each family has a pure ``<family>_kwargs_from_cfg(cfg, input_shape) -> dict`` (testable
-without building anything) and two thin registered builders,
-``build_d2b_<family>_backbone`` and ``build_d2b_<family>_fpn_backbone``. The FPN variant
-reads ``MODEL.FPN.*`` (including the top block), so one builder serves R-CNN (max-pool P6)
-and RetinaNet/FCOS (P6/P7). Every builder validates the config first and logs a one-line
-summary of what it built.
+Every family of :data:`~d2_backbones.families.FAMILIES` gets two registered builders,
+``build_d2b_<name>_backbone`` and ``build_d2b_<name>_fpn_backbone`` (the FPN one reads
+``MODEL.FPN.*``, including the top block, so one builder serves R-CNN and RetinaNet/FCOS).
+Both read exactly the family's ``arg_keys`` (:func:`kwargs_from_cfg`, testable without
+building anything), build inside :func:`~d2_backbones.errors.argument_keys` so that an invalid
+value is reported under its config key, and log a one-line summary of what was built.
 
-Adding a family: write ``<family>.py`` (modules with plain kwargs), add its keys in
-``config.py``, then here a ``<family>_kwargs_from_cfg`` and two registered builders.
+A backbone builder checks only the backbone's own keys, so ``build_backbone(cfg)`` works from
+:func:`d2_backbones.get_cfg` defaults for every family (feature extraction, your own heads).
+The heads' ``IN_FEATURES`` are checked where heads are built (:func:`check_head_features`,
+called by train_net's setup and the predictors).
+
+Example::
+
+    >>> import d2_backbones
+    >>> from detectron2.modeling import build_backbone
+    >>> cfg = d2_backbones.get_cfg()
+    >>> cfg.MODEL.BACKBONE.NAME = "build_d2b_ghostnet_fpn_backbone"
+    >>> sorted(build_backbone(cfg).output_shape())
+    ['p2', 'p3', 'p4', 'p5', 'p6']
 """
 import difflib
 import logging
-from typing import Callable, Dict, List, Mapping
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
@@ -20,29 +31,24 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 from detectron2.utils import comm
 
+from . import config as _config
 from .config import cfg_get
-from .errors import RegistryKeyError, config_error, format_values, nearest_first
+from .errors import RegistryKeyError, argument_keys, config_error, format_values, nearest_first
+from .families import FAMILIES, Family, family_of_builder
 from .fpn import build_fpn, describe_features
-from .ghostnet import GhostNet
-from .resnet import build_resnet
 from .summary import summarize_backbone
-from .vovnet import VoVNet
 
 __all__ = [
     "REGISTERED_NAMES",
     "REGISTRY_ALIASES",
-    "resnet_kwargs_from_cfg",
+    "FPN_KEYS",
+    "kwargs_from_cfg",
     "fpn_kwargs_from_cfg",
     "resolve_freeze_at",
+    "check_norm",
     "check_head_features",
-    "build_d2b_resnet_backbone",
-    "build_d2b_resnet_fpn_backbone",
-    "vovnet_kwargs_from_cfg",
-    "build_d2b_vovnet_backbone",
-    "build_d2b_vovnet_fpn_backbone",
-    "ghostnet_kwargs_from_cfg",
-    "build_d2b_ghostnet_backbone",
-    "build_d2b_ghostnet_fpn_backbone",
+    "build_model",
+    "register_family",
     "install_registry_hints",
 ]
 
@@ -59,8 +65,9 @@ def _register(fn: Callable) -> Callable:
     name = fn.__name__
     if name in BACKBONE_REGISTRY:
         existing = BACKBONE_REGISTRY.get(name)
-        if (existing.__module__, existing.__qualname__) != (fn.__module__, fn.__qualname__):
+        if getattr(existing, "_d2b_family", None) != getattr(fn, "_d2b_family", object()):
             raise RuntimeError(f"d2_backbones cannot register {name!r}: {existing.__module__} already did")
+        BACKBONE_REGISTRY._obj_map[name] = fn  # the same family registered again (e.g. a re-import)
     else:
         BACKBONE_REGISTRY.register(fn)
     if name not in REGISTERED_NAMES:
@@ -69,7 +76,7 @@ def _register(fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# shared checks
+# reading the cfg
 # ---------------------------------------------------------------------------------------------
 _SYNC_BN = ("SyncBN", "nnSyncBN")
 
@@ -113,6 +120,121 @@ def resolve_freeze_at(cfg: CfgNode, alias_key: str = "") -> int:
     return alias + 1
 
 
+def _resnet_strides_dilations(cfg: CfgNode, kw: Dict) -> Dict:
+    """detectron2's ``MODEL.RESNETS.RES5_DILATION`` on top of ``STAGE_STRIDES``/``STAGE_DILATIONS``."""
+    strides, dilations = list(kw["strides"]), list(kw["dilations"])
+    res5 = cfg.MODEL.RESNETS.RES5_DILATION
+    if res5 not in (1, 2):
+        raise config_error("MODEL.RESNETS.RES5_DILATION", res5, [1, 2],
+                           fix="use MODEL.RESNETS.STAGE_DILATIONS / STAGE_STRIDES for other dilations")
+    if res5 == 2 and len(dilations) == 4 and len(strides) == 4:
+        if dilations[3] == 1:  # detectron2's convention: res5 keeps stride 16 and dilates by 2
+            dilations[3], strides[3] = 2, 1
+        elif dilations[3] != 2:
+            raise config_error("MODEL.RESNETS.RES5_DILATION", res5,
+                               problem=f"disagrees with MODEL.RESNETS.STAGE_DILATIONS={dilations}",
+                               fix="set only MODEL.RESNETS.STAGE_DILATIONS (and STAGE_STRIDES) and leave "
+                                   "RES5_DILATION at 1")
+    return {**kw, "strides": strides, "dilations": dilations}
+
+
+# A family whose config needs more than one key per argument adds its function here.
+_EXTRA_KWARGS: Dict[str, Callable[[CfgNode, Dict], Dict]] = {"resnet": _resnet_strides_dilations}
+
+
+def kwargs_from_cfg(family: Union[str, Family], cfg: CfgNode, input_shape: Optional[ShapeSpec] = None) -> Dict:
+    """The constructor keyword arguments of ``family`` from ``cfg`` (its ``arg_keys``; no building).
+
+    Lists stay lists, ``norm`` is checked for SyncBN on CPU, ``freeze_at`` honours the family's
+    mmdet-style alias, ``in_channels`` comes from ``input_shape`` (default: ``len(MODEL.PIXEL_MEAN)``).
+    """
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    kw = {}
+    for arg, key in fam.arg_keys.items():
+        value = cfg_get(cfg, key)
+        kw[arg] = list(value) if isinstance(value, tuple) else value
+    if "norm" in fam.arg_keys:
+        kw["norm"] = check_norm(cfg, fam.arg_keys["norm"])
+    if "freeze_at" in fam.arg_keys:
+        kw["freeze_at"] = resolve_freeze_at(cfg, fam.freeze_alias_key)
+    kw["in_channels"] = (input_shape.channels if input_shape is not None and input_shape.channels
+                         else len(cfg.MODEL.PIXEL_MEAN))
+    extra = _EXTRA_KWARGS.get(fam.name)
+    return extra(cfg, kw) if extra else kw
+
+
+FPN_KEYS = {
+    "in_features": "MODEL.FPN.IN_FEATURES",
+    "out_channels": "MODEL.FPN.OUT_CHANNELS",
+    "norm": "MODEL.FPN.NORM",
+    "fuse_type": "MODEL.FPN.FUSE_TYPE",
+    "top_block": "MODEL.FPN.TOP_BLOCK",
+    "top_block_source": "MODEL.FPN.TOP_BLOCK_SOURCE",
+    "top_block_relu": "MODEL.FPN.TOP_BLOCK_RELU",
+    "top_block_levels": "MODEL.FPN.TOP_BLOCK_LEVELS",
+}
+
+
+def fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict:
+    """``build_fpn`` keyword arguments from ``MODEL.FPN``."""
+    kw = {name: cfg_get(cfg, key) for name, key in FPN_KEYS.items()}
+    kw["in_features"] = list(kw["in_features"])
+    check_norm(cfg, "MODEL.FPN.NORM")
+    return kw
+
+
+# ---------------------------------------------------------------------------------------------
+# the builders
+# ---------------------------------------------------------------------------------------------
+def _build(fam: Family, cfg: CfgNode, input_shape: Optional[ShapeSpec], fpn: bool) -> Backbone:
+    kw = kwargs_from_cfg(fam, cfg, input_shape)
+    with argument_keys(fam.arg_keys):
+        model = fam.build(**kw)
+    title = model.describe()
+    if fpn:
+        fkw = fpn_kwargs_from_cfg(cfg)
+        if not fkw["in_features"]:  # detectron2's default []: every feature the backbone returns, stem excluded
+            fkw["in_features"] = [f for f in model.output_shape() if f != "stem"]
+            logger.info(f"MODEL.FPN.IN_FEATURES is empty: using the backbone's outputs {fkw['in_features']}.")
+        with argument_keys({**FPN_KEYS, "backbone_out_features": fam.out_features_key}):
+            model = build_fpn(model, **fkw)
+        title += "-FPN"
+    logger.info("Built backbone: " + summarize_backbone(model, title))
+    return model
+
+
+def _make_builder(fam: Family, fpn: bool) -> Callable:
+    def builder(cfg: CfgNode, input_shape: Optional[ShapeSpec] = None) -> Backbone:
+        return _build(fam, cfg, input_shape, fpn)
+
+    builder.__name__ = builder.__qualname__ = fam.builder_names[1 if fpn else 0]
+    builder.__doc__ = (f"{fam.name} backbone{' + detectron2 FPN (MODEL.FPN.*)' if fpn else ''}, configured by "
+                       f"{fam.config_node}.* (registered by d2_backbones).")
+    builder._d2b_family = (fam.name, fpn)
+    return builder
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to :data:`~d2_backbones.families.FAMILIES` and register its two builders.
+
+    Its config keys are added by every later :func:`d2_backbones.add_config` /
+    :func:`d2_backbones.get_cfg`. Registering the same family again replaces it.
+    """
+    FAMILIES[family.name] = family
+    _config._template.cache_clear()
+    for fpn in (False, True):
+        _register(_make_builder(family, fpn))
+    REGISTRY_ALIASES.update(family.aliases)
+    return family
+
+
+for _fam in list(FAMILIES.values()):
+    register_family(_fam)
+
+
+# ---------------------------------------------------------------------------------------------
+# head features: checked where heads are built
+# ---------------------------------------------------------------------------------------------
 def _head_keys(cfg: CfgNode) -> List[str]:
     arch = cfg.MODEL.META_ARCHITECTURE
     keys = []
@@ -128,259 +250,50 @@ def _head_keys(cfg: CfgNode) -> List[str]:
     return keys
 
 
-def check_head_features(cfg: CfgNode, shapes: Mapping[str, ShapeSpec]) -> None:
-    """Fail at build time if a head's ``IN_FEATURES`` asks for a feature the backbone does not produce."""
-    for key in _head_keys(cfg):
+def check_head_features(cfg: CfgNode, shapes: Optional[Mapping[str, ShapeSpec]] = None) -> None:
+    """Fail when a head's ``IN_FEATURES`` asks for a feature the backbone does not produce.
+
+    ``shapes`` is the backbone's ``output_shape()`` (built from ``cfg`` when not given). The
+    message lists what the backbone produces and names the keys that change it: the family's
+    own ``OUT_FEATURES`` key and its stage names, and the FPN keys.
+    """
+    keys = _head_keys(cfg)
+    if not keys:
+        return
+    if shapes is None:
+        from detectron2.modeling import build_backbone
+
+        shapes = build_backbone(cfg).output_shape()
+    fam = family_of_builder(cfg.MODEL.BACKBONE.NAME)
+    fpn = REGISTRY_ALIASES.get(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.NAME).endswith("fpn_backbone")
+    if fam is None:
+        change = "the backbone's output features"
+    elif fpn:
+        change = (f"MODEL.FPN.IN_FEATURES (from the stages of {fam.out_features_key}: "
+                  f"{', '.join(fam.feature_names)}) or MODEL.FPN.TOP_BLOCK")
+    else:
+        change = f"{fam.out_features_key} (valid: {', '.join(fam.feature_names)})"
+    for key in keys:
         wanted = list(cfg_get(cfg, key))
         missing = [f for f in wanted if f not in shapes]
         if missing:
             raise config_error(
                 key, wanted, problem=f"contains {missing[0]!r}, which the backbone ({cfg.MODEL.BACKBONE.NAME}) "
                 f"does not produce",
-                fix=f"use features it produces: {describe_features(shapes)}; or change the backbone's "
-                    f"OUT_FEATURES / MODEL.FPN.IN_FEATURES / MODEL.FPN.TOP_BLOCK so it produces them")
+                fix=f"use features it produces: {describe_features(shapes)}; or change {change} so it produces them")
 
 
-def _finish(cfg: CfgNode, model: Backbone, title: str) -> Backbone:
-    check_head_features(cfg, model.output_shape())
-    logger.info("Built backbone: " + summarize_backbone(model, title))
-    return model
+def build_model(cfg: CfgNode):
+    """detectron2's ``build_model``; when a head asks for a feature the backbone does not produce, the
+    error is :func:`check_head_features`' (key, value, what the backbone produces, what to change)
+    instead of detectron2's bare ``KeyError``."""
+    from detectron2.modeling import build_model as _d2_build_model
 
-
-# ---------------------------------------------------------------------------------------------
-# FPN (shared by every family)
-# ---------------------------------------------------------------------------------------------
-FPN_KEYS = {
-    "in_features": "MODEL.FPN.IN_FEATURES",
-    "out_channels": "MODEL.FPN.OUT_CHANNELS",
-    "norm": "MODEL.FPN.NORM",
-    "fuse_type": "MODEL.FPN.FUSE_TYPE",
-    "top_block": "MODEL.FPN.TOP_BLOCK",
-    "top_block_source": "MODEL.FPN.TOP_BLOCK_SOURCE",
-    "top_block_relu": "MODEL.FPN.TOP_BLOCK_RELU",
-}
-
-
-def fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict:
-    """``build_fpn`` keyword arguments from ``MODEL.FPN``."""
-    kw = {name: cfg_get(cfg, key) for name, key in FPN_KEYS.items()}
-    kw["in_features"] = list(kw["in_features"])
-    check_norm(cfg, "MODEL.FPN.NORM")
-    return kw
-
-
-def attach_fpn(cfg: CfgNode, bottom_up: Backbone, title: str) -> Backbone:
-    """Wrap ``bottom_up`` in detectron2's FPN as configured by ``MODEL.FPN`` and validate the heads."""
-    fpn = build_fpn(bottom_up, **fpn_kwargs_from_cfg(cfg), keys=FPN_KEYS)
-    return _finish(cfg, fpn, title + "-FPN")
-
-
-# ---------------------------------------------------------------------------------------------
-# ResNet
-# ---------------------------------------------------------------------------------------------
-RESNET_KEYS = {
-    "depth": "MODEL.RESNETS.DEPTH",
-    "stem_channels": "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "res2_channels": "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "deep_stem": "MODEL.RESNETS.DEEP_STEM",
-    "avg_down": "MODEL.RESNETS.AVG_DOWN",
-    "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
-    "num_groups": "MODEL.RESNETS.NUM_GROUPS",
-    "width_per_group": "MODEL.RESNETS.WIDTH_PER_GROUP",
-    "strides": "MODEL.RESNETS.STAGE_STRIDES",
-    "dilations": "MODEL.RESNETS.STAGE_DILATIONS",
-    "norm": "MODEL.RESNETS.NORM",
-    "out_features": "MODEL.RESNETS.OUT_FEATURES",
-    "freeze_at": "MODEL.BACKBONE.FREEZE_AT",
-    "norm_eval": "MODEL.RESNETS.NORM_EVAL",
-    "with_cp": "MODEL.RESNETS.WITH_CP",
-    "zero_init_residual": "MODEL.RESNETS.ZERO_INIT_RESIDUAL",
-    "deform_on_per_stage": "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
-    "deform_modulated": "MODEL.RESNETS.DEFORM_MODULATED",
-    "deform_num_groups": "MODEL.RESNETS.DEFORM_NUM_GROUPS",
-    "plugins": "MODEL.RESNETS.PLUGINS",
-}
-
-
-def _resnet_strides_dilations(cfg: CfgNode):
-    strides = list(cfg_get(cfg, "MODEL.RESNETS.STAGE_STRIDES"))
-    dilations = list(cfg_get(cfg, "MODEL.RESNETS.STAGE_DILATIONS"))
-    res5 = cfg.MODEL.RESNETS.RES5_DILATION
-    if res5 not in (1, 2):
-        raise config_error("MODEL.RESNETS.RES5_DILATION", res5, [1, 2],
-                           fix="use MODEL.RESNETS.STAGE_DILATIONS / STAGE_STRIDES for other dilations")
-    if res5 == 2 and len(dilations) == 4 and len(strides) == 4:
-        if dilations[3] == 1:  # detectron2's convention: res5 keeps stride 16 and dilates by 2
-            dilations[3], strides[3] = 2, 1
-        elif dilations[3] != 2:
-            raise config_error("MODEL.RESNETS.RES5_DILATION", res5,
-                               problem=f"disagrees with MODEL.RESNETS.STAGE_DILATIONS={dilations}",
-                               fix="set only MODEL.RESNETS.STAGE_DILATIONS (and STAGE_STRIDES) and leave "
-                                   "RES5_DILATION at 1")
-    return strides, dilations
-
-
-def resnet_kwargs_from_cfg(cfg: CfgNode, input_shape: ShapeSpec) -> Dict:
-    """:func:`~d2_backbones.resnet.build_resnet` keyword arguments from ``MODEL.RESNETS`` (no building)."""
-    r = cfg.MODEL.RESNETS
-    strides, dilations = _resnet_strides_dilations(cfg)
-    depth = r.DEPTH
-    return dict(
-        depth=depth,
-        in_channels=input_shape.channels,
-        stem_channels=r.STEM_OUT_CHANNELS,
-        res2_channels=r.RES2_OUT_CHANNELS,
-        deep_stem=cfg_get(cfg, "MODEL.RESNETS.DEEP_STEM"),
-        avg_down=cfg_get(cfg, "MODEL.RESNETS.AVG_DOWN"),
-        stride_in_1x1=r.STRIDE_IN_1X1,
-        num_groups=r.NUM_GROUPS,
-        width_per_group=r.WIDTH_PER_GROUP,
-        strides=strides,
-        dilations=dilations,
-        norm=check_norm(cfg, "MODEL.RESNETS.NORM"),
-        out_features=list(r.OUT_FEATURES),
-        freeze_at=resolve_freeze_at(cfg, "MODEL.RESNETS.FROZEN_STAGES"),
-        norm_eval=cfg_get(cfg, "MODEL.RESNETS.NORM_EVAL"),
-        with_cp=cfg_get(cfg, "MODEL.RESNETS.WITH_CP"),
-        zero_init_residual=cfg_get(cfg, "MODEL.RESNETS.ZERO_INIT_RESIDUAL"),
-        deform_on_per_stage=list(r.DEFORM_ON_PER_STAGE),
-        deform_modulated=r.DEFORM_MODULATED,
-        deform_num_groups=r.DEFORM_NUM_GROUPS,
-        plugins=list(cfg_get(cfg, "MODEL.RESNETS.PLUGINS")),
-    )
-
-
-def _resnet_title(kw: Dict) -> str:
-    name = f"ResNeXt-{kw['depth']}-{kw['num_groups']}x{kw['width_per_group']}d" if kw["num_groups"] > 1 \
-        else f"ResNet-{kw['depth']}"
-    variant = "d" if kw["deep_stem"] and kw["avg_down"] else "c" if kw["deep_stem"] else ""
-    style = "caffe" if kw["stride_in_1x1"] else "pytorch"
-    return f"{name}{'-V1' + variant if variant else ''} (style={style})"
-
-
-@_register
-def build_d2b_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """ResNet/ResNeXt with MMDetection's options (``MODEL.RESNETS.*``), no FPN."""
-    kw = resnet_kwargs_from_cfg(cfg, input_shape)
-    return _finish(cfg, build_resnet(**kw, keys=RESNET_KEYS), _resnet_title(kw))
-
-
-@_register
-def build_d2b_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """ResNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
-    kw = resnet_kwargs_from_cfg(cfg, input_shape)
-    return attach_fpn(cfg, build_resnet(**kw, keys=RESNET_KEYS), _resnet_title(kw))
-
-
-# ---------------------------------------------------------------------------------------------
-# GhostNet
-# ---------------------------------------------------------------------------------------------
-GHOSTNET_KEYS = {
-    "width": "MODEL.GHOSTNET.WIDTH",
-    "norm": "MODEL.GHOSTNET.NORM",
-    "out_features": "MODEL.GHOSTNET.OUT_FEATURES",
-    "freeze_at": "MODEL.BACKBONE.FREEZE_AT",
-    "norm_eval": "MODEL.GHOSTNET.NORM_EVAL",
-    "with_cp": "MODEL.GHOSTNET.WITH_CP",
-    "final_conv": "MODEL.GHOSTNET.FINAL_CONV",
-}
-
-
-def ghostnet_kwargs_from_cfg(cfg: CfgNode, input_shape: ShapeSpec) -> Dict:
-    """:class:`~d2_backbones.ghostnet.GhostNet` keyword arguments from ``MODEL.GHOSTNET`` (no building)."""
-    kw = {name: cfg_get(cfg, key) for name, key in GHOSTNET_KEYS.items() if name not in ("norm", "freeze_at")}
-    for name in ("norm_eval", "with_cp", "final_conv"):
-        if not isinstance(kw[name], bool):
-            raise config_error(GHOSTNET_KEYS[name], kw[name], [True, False])
-    out_features = kw["out_features"]
-    if isinstance(out_features, str) or not isinstance(out_features, (list, tuple)):
-        raise config_error(GHOSTNET_KEYS["out_features"], out_features,
-                           problem="must be a list of feature names",
-                           fix='write it as a list, e.g. ["stage2", "stage3", "stage4", "stage5"]')
-    kw["out_features"] = list(out_features)
-    kw["norm"] = check_norm(cfg, "MODEL.GHOSTNET.NORM")
-    kw["freeze_at"] = resolve_freeze_at(cfg)
-    kw["in_channels"] = input_shape.channels
-    return kw
-
-
-def _ghostnet_title(kw: Dict) -> str:
-    return f"GhostNet-{kw['width']:g}x" + ("" if kw["final_conv"] else " (stage5 before the final conv)")
-
-
-@_register
-def build_d2b_ghostnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """GhostNet V1 of any width (``MODEL.GHOSTNET.*``), no FPN."""
-    kw = ghostnet_kwargs_from_cfg(cfg, input_shape)
-    return _finish(cfg, GhostNet(**kw, keys=GHOSTNET_KEYS), _ghostnet_title(kw))
-
-
-@_register
-def build_d2b_ghostnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """GhostNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
-    kw = ghostnet_kwargs_from_cfg(cfg, input_shape)
-    return attach_fpn(cfg, GhostNet(**kw, keys=GHOSTNET_KEYS), _ghostnet_title(kw))
-
-
-# ---------------------------------------------------------------------------------------------
-# VoVNet
-# ---------------------------------------------------------------------------------------------
-VOVNET_KEYS = {
-    "spec": "MODEL.VOVNET.CONV_BODY",
-    "norm": "MODEL.VOVNET.NORM",
-    "out_features": "MODEL.VOVNET.OUT_FEATURES",
-    "freeze_at": "MODEL.BACKBONE.FREEZE_AT",
-    "norm_eval": "MODEL.VOVNET.NORM_EVAL",
-    "with_cp": "MODEL.VOVNET.WITH_CP",
-    "ese_placement": "MODEL.VOVNET.ESE_PLACEMENT",
-    "stage_with_dcn": "MODEL.VOVNET.STAGE_WITH_DCN",
-    "with_modulated_dcn": "MODEL.VOVNET.WITH_MODULATED_DCN",
-    "deformable_groups": "MODEL.VOVNET.DEFORMABLE_GROUPS",
-}
-# vovnet-detectron2 / centermask2 register these; when they are not imported, their yamls use ours.
-REGISTRY_ALIASES.update({
-    "build_vovnet_backbone": "build_d2b_vovnet_backbone",
-    "build_vovnet_fpn_backbone": "build_d2b_vovnet_fpn_backbone",
-})
-
-
-def vovnet_kwargs_from_cfg(cfg: CfgNode, input_shape: ShapeSpec) -> Dict:
-    """:class:`~d2_backbones.vovnet.VoVNet` keyword arguments from ``MODEL.VOVNET`` (no building)."""
-    kw = {name: cfg_get(cfg, key) for name, key in VOVNET_KEYS.items() if name not in ("norm", "freeze_at")}
-    for name in ("norm_eval", "with_cp", "with_modulated_dcn"):
-        if not isinstance(kw[name], bool):
-            raise config_error(VOVNET_KEYS[name], kw[name], [True, False])
-    for name in ("out_features", "stage_with_dcn"):
-        if isinstance(kw[name], str) or not isinstance(kw[name], (list, tuple)):
-            raise config_error(VOVNET_KEYS[name], kw[name], problem="must be a list",
-                               fix='write it as a list, e.g. ["stage2", "stage3", "stage4", "stage5"]'
-                               if name == "out_features" else "write it as a list of 4 bools")
-        kw[name] = list(kw[name])
-    kw["ese_placement"] = kw["ese_placement"] or None
-    kw["norm"] = check_norm(cfg, "MODEL.VOVNET.NORM")
-    kw["freeze_at"] = resolve_freeze_at(cfg)
-    kw["in_channels"] = input_shape.channels
-    return kw
-
-
-def _vovnet_title(model: VoVNet) -> str:
-    dcn = [n for n in model.stage_names if any("/conv_offset" in k for k, _ in getattr(model, n).named_modules())]
-    return (f"VoVNet {model.spec_name} (eSE={model.spec.ese}, residual={model.spec.residual}"
-            + (f", DCN in {', '.join(dcn)}" if dcn else "") + ")")
-
-
-@_register
-def build_d2b_vovnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """VoVNetV2-eSE / VoVNetV1 (``MODEL.VOVNET.*``, vovnet-detectron2 names), no FPN."""
-    model = VoVNet(**vovnet_kwargs_from_cfg(cfg, input_shape), keys=VOVNET_KEYS)
-    return _finish(cfg, model, _vovnet_title(model))
-
-
-@_register
-def build_d2b_vovnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    """VoVNet + detectron2 FPN; the top block (max-pool P6 or P6/P7) comes from ``MODEL.FPN.TOP_BLOCK``."""
-    model = VoVNet(**vovnet_kwargs_from_cfg(cfg, input_shape), keys=VOVNET_KEYS)
-    return attach_fpn(cfg, model, _vovnet_title(model))
+    try:
+        return _d2_build_model(cfg)
+    except KeyError:
+        check_head_features(cfg)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,4 +333,3 @@ def install_registry_hints() -> None:
     Only lookups that would fail change; registered names resolve exactly as before.
     """
     BACKBONE_REGISTRY.get = _hinted_get(BACKBONE_REGISTRY.get)
-

@@ -74,9 +74,12 @@ def _fpn_keys(_C: CN) -> None:
     # ReLU on P6 before the P7 conv. True = detectron2; False = mmdet RetinaNet
     # (`relu_before_extra_convs=False`). Options: True, False.
     _C.MODEL.FPN.TOP_BLOCK_RELU = True
+    # Extra levels of TOP_BLOCK "maxpool", each a stride-2 max-pool of the previous one (1 = P6 only,
+    # detectron2's LastLevelMaxPool). MMDetection's FPN with add_extra_convs=False and num_outs =
+    # len(IN_FEATURES) + TOP_BLOCK_LEVELS, e.g. 2 for P3-P7 from C3-C5. Other top blocks: leave 1.
+    _C.MODEL.FPN.TOP_BLOCK_LEVELS = 1
 
 
-# Sections in the order they are added. A new family appends its `_<family>_keys` here.
 def _train_keys(_C: CN) -> None:
     _C.SOLVER = CN()
     # How many periodic checkpoints (model_XXXXXXX.pth) train_net.py keeps; 0 = all (detectron2's behaviour).
@@ -100,7 +103,8 @@ def _train_keys(_C: CN) -> None:
     _C.MODEL.WEIGHTS_CHECK = "error"
 
 
-_SECTIONS: List[Callable[[CN], None]] = [_resnet_keys, _fpn_keys, _train_keys]
+# Sections that belong to no family; each family's section is named in its FAMILIES record.
+_SECTIONS: List[Callable[[CN], None]] = [_fpn_keys, _train_keys]
 
 
 def _ghostnet_keys(_C: CN) -> None:
@@ -128,7 +132,6 @@ def _ghostnet_keys(_C: CN) -> None:
     _C.MODEL.GHOSTNET.FINAL_CONV = True
 
 
-_SECTIONS.append(_ghostnet_keys)
 
 
 def _vovnet_keys(_C: CN) -> None:
@@ -167,14 +170,13 @@ def _vovnet_keys(_C: CN) -> None:
     _C.MODEL.VOVNET.DEFORMABLE_GROUPS = 1
 
 
-_SECTIONS.append(_vovnet_keys)
-
-
 @functools.lru_cache(maxsize=1)
 def _template() -> CN:
     t = CN()
     t.MODEL = CN()
-    for section in _SECTIONS:
+    from .families import FAMILIES
+
+    for section in [f.add_config_keys for f in FAMILIES.values()] + _SECTIONS:
         section(t)
     return t
 
@@ -268,12 +270,46 @@ def _missing_key_hint(cfg: CN, message: str) -> Optional[str]:
     return None
 
 
+def _float_keys_accept_ints(self: CN, method_name: str, args: tuple) -> tuple:
+    """An int given for a float key (``MODEL.GHOSTNET.WIDTH 1``, ``WIDTH: 1`` in a yaml) becomes that float;
+    yacs would refuse it with ``Type mismatch (<class 'float'> vs. <class 'int'>)``."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def target(dotted):
+        node = self
+        for part in dotted.split("."):
+            if not isinstance(node, CN) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    if method_name == "merge_from_list" and args:
+        opts = list(args[0])
+        for i in range(0, len(opts) - 1, 2):
+            if isinstance(target(str(opts[i])), float):
+                value = CN._decode_cfg_value(opts[i + 1])
+                if is_int(value):
+                    opts[i + 1] = float(value)
+        return (opts,) + tuple(args[1:])
+    if method_name == "merge_from_other_cfg" and args and isinstance(args[0], CN):
+        def walk(other: CN, mine: CN):
+            for k, v in other.items():
+                if isinstance(v, CN) and isinstance(mine.get(k), CN):
+                    walk(v, mine[k])
+                elif is_int(v) and isinstance(mine.get(k), float):
+                    other[k] = float(v)
+        walk(args[0], self)
+    return args
+
+
 def _hinted(method):
     if getattr(method, "_d2b_hinted", False):
         return method
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        args = _float_keys_accept_ints(self, method.__name__, args)
         try:
             return method(self, *args, **kwargs)
         except (KeyError, AssertionError) as e:
@@ -290,8 +326,9 @@ def _hinted(method):
 def install_config_hints() -> None:
     """Make detectron2's ``CfgNode`` merges explain unknown d2_backbones keys (idempotent).
 
-    Only the error message of a merge that already fails changes: an unknown key of this
-    package says to call :func:`add_config`; a near-miss key suggests the closest existing key.
+    Only merges that would fail change: an unknown key of this package says to call
+    :func:`add_config`; a near-miss key suggests the closest existing key; an int given for a
+    float key is taken as that float (yacs refuses it with a type mismatch).
     """
     CN.merge_from_other_cfg = _hinted(CN.merge_from_other_cfg)
     CN.merge_from_list = _hinted(CN.merge_from_list)

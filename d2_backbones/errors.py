@@ -9,12 +9,41 @@ the valid values and the fix, e.g.::
 
 The checks run while the model is built (inside the registered backbone
 builders), so a wrong config fails in seconds, before any data is loaded.
+
+The family classes take plain keyword arguments and know nothing of config keys: their
+errors name an argument through :func:`arg_key` (``arg_key("depth")`` -> ``"depth"``). A
+builder that reads a cfg runs the constructor inside :func:`argument_keys` with its
+argument -> config-key table, and the same errors then name the config keys::
+
+    with argument_keys({"depth": "MODEL.RESNETS.DEPTH"}):
+        build_resnet(depth=42)   # ConfigError: MODEL.RESNETS.DEPTH=42 is not supported. ...
 """
+import contextlib
+import contextvars
 import difflib
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values", "check_out_features",
-           "check_freeze_at"]
+           "check_freeze_at", "arg_key", "argument_keys"]
+
+
+_ARG_KEYS: contextvars.ContextVar = contextvars.ContextVar("d2_backbones_arg_keys", default={})
+
+
+def arg_key(name: str) -> str:
+    """The name an error message uses for argument ``name``: its config key inside
+    :func:`argument_keys`, else the argument name itself."""
+    return _ARG_KEYS.get().get(name, name)
+
+
+@contextlib.contextmanager
+def argument_keys(keys: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, :func:`arg_key` maps argument names to ``keys`` (config keys); nests."""
+    token = _ARG_KEYS.set({**_ARG_KEYS.get(), **keys})
+    try:
+        yield
+    finally:
+        _ARG_KEYS.reset(token)
 
 
 class ConfigError(ValueError):
@@ -34,7 +63,7 @@ def nearest_first(name: str, candidates: Iterable[str]) -> List[str]:
     Example::
 
         >>> nearest_first("V-39", ["V-99-eSE", "V-39-eSE", "V-19-eSE"])
-        ['V-39-eSE', 'V-19-eSE', 'V-99-eSE']
+        ['V-39-eSE', 'V-99-eSE', 'V-19-eSE']
     """
     cands = list(dict.fromkeys(str(c) for c in candidates))
     low = str(name).lower()

@@ -7,7 +7,9 @@ detectron2's own :class:`detectron2.modeling.backbone.FPN`. Only the top block v
 top_block   extra levels
 ==========  ==========================================================================
 maxpool     P6 = max_pool(k=1, s=2) of the top FPN output (detectron2 ``LastLevelMaxPool``;
-            MMDetection ``add_extra_convs=False``) - Faster/Mask R-CNN
+            MMDetection ``add_extra_convs=False``) - Faster/Mask R-CNN. ``top_block_levels``
+            > 1 adds P7, ... each pooled from the previous (:class:`LastLevelMaxPools`):
+            MMDetection's ``num_outs = len(in_features) + top_block_levels``
 p6p7        P6 = conv3x3/s2(source), P7 = conv3x3/s2([ReLU](P6)) - RetinaNet, FCOS
 p6          P6 = conv3x3/s2(source) only
 none        no extra level
@@ -25,12 +27,13 @@ inputs are padded to it, so every output ``pK`` has exactly ``ceil(H / 2**K)`` r
 
 Example::
 
+    >>> from d2_backbones import build_resnet
     >>> fpn = build_fpn(build_resnet(18, norm="BN"), ["res3", "res4", "res5"], 128, top_block="p6p7")
     >>> {k: tuple(v.shape) for k, v in fpn(torch.zeros(1, 3, 128, 96)).items()}
     {'p3': (1, 128, 16, 12), 'p4': (1, 128, 8, 6), 'p5': (1, 128, 4, 3), 'p6': (1, 128, 2, 2), 'p7': (1, 128, 1, 1)}
 """
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -40,11 +43,11 @@ from torch import nn
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
-from .errors import config_error
+from .errors import arg_key, config_error
 from .layers import CheckedNorm
 
-__all__ = ["TOP_BLOCKS", "TOP_BLOCK_SOURCES", "LastLevelP6", "ExtraConvLevels", "build_top_block", "build_fpn",
-           "describe_features"]
+__all__ = ["TOP_BLOCKS", "TOP_BLOCK_SOURCES", "LastLevelP6", "ExtraConvLevels", "LastLevelMaxPools",
+           "build_top_block", "build_fpn", "describe_features"]
 
 TOP_BLOCKS = ("maxpool", "p6p7", "p6", "none")
 TOP_BLOCK_SOURCES = ("on_input", "on_lateral", "on_output")
@@ -101,12 +104,35 @@ class ExtraConvLevels(nn.Module):
 LastLevelP6 = ExtraConvLevels  # P6-only is ExtraConvLevels(num_levels=1)
 
 
+class LastLevelMaxPools(nn.Module):
+    """``num_levels`` extra levels, each ``max_pool2d(kernel 1, stride 2)`` of the previous one.
+
+    MMDetection's FPN with ``add_extra_convs=False`` and ``num_outs`` above the number of used
+    levels (e.g. P3-P7 from C3-C5: two pooled levels). ``num_levels=1`` computes exactly
+    detectron2's ``LastLevelMaxPool`` (which :func:`build_top_block` uses then).
+    """
+
+    def __init__(self, num_levels: int, in_feature: str = "p5"):
+        super().__init__()
+        self.num_levels = num_levels
+        self.in_feature = in_feature
+
+    def forward(self, x: torch.Tensor):
+        outs = []
+        for _ in range(self.num_levels):
+            x = F.max_pool2d(x, kernel_size=1, stride=2, padding=0)
+            outs.append(x)
+        return outs
+
+
 def build_top_block(kind: str, *, in_channels: int, out_channels: int, in_feature: str,
-                    relu: bool = True, lateral_source: bool = False, key: str = "top_block"):
+                    relu: bool = True, lateral_source: bool = False, levels: int = 1, key: str = "top_block"):
     """Return the top-block module for ``kind`` (see the module docstring), or ``None``."""
     if kind == "none":
         return None
     if kind == "maxpool":
+        if levels > 1:
+            return LastLevelMaxPools(levels, in_feature)
         block = LastLevelMaxPool()
         block.in_feature = in_feature
         return block
@@ -133,7 +159,7 @@ def build_fpn(
     top_block: str = "maxpool",
     top_block_source: str = "on_input",
     top_block_relu: bool = True,
-    keys: Optional[Mapping[str, str]] = None,
+    top_block_levels: int = 1,
 ) -> FPN:
     """Validate the feature graph and build detectron2's :class:`FPN` on ``bottom_up``.
 
@@ -145,24 +171,27 @@ def build_fpn(
         norm: FPN norm ("" = none, with conv bias), as detectron2's ``MODEL.FPN.NORM``.
         fuse_type: "sum" or "avg".
         top_block, top_block_source, top_block_relu: see the module docstring.
-        keys: config-key names for error messages.
+        top_block_levels: extra max-pool levels of ``top_block="maxpool"`` (1 = P6 only).
     """
-    k = dict(keys or {})
-
-    def key(name):
-        return k.get(name, name)
+    key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
 
     shapes = bottom_up.output_shape()
     in_features = list(in_features)
     if not in_features:
         raise config_error(key("in_features"), in_features, list(shapes), problem="is empty",
                            fix=f"list the backbone features to use, e.g. {list(shapes)}")
+    possible = list(getattr(bottom_up, "feature_names", ()))
     for f in in_features:
         if f not in shapes:
+            if f in possible:
+                hint = f"; or add {f!r} to {key('backbone_out_features')}"
+            elif possible:
+                hint = f"; {f!r} is no feature of this backbone, whose features are {', '.join(possible)}"
+            else:
+                hint = ""
             raise config_error(
                 key("in_features"), in_features, problem=f"contains {f!r}, which the backbone does not produce",
-                fix=(f"use features the backbone produces: {describe_features(shapes)} "
-                     f"(add {f!r} to the backbone's OUT_FEATURES if it is one of its stages)"))
+                fix=f"use features the backbone produces: {describe_features(shapes)}{hint}")
     strides = [shapes[f].stride for f in in_features]
     for (fa, sa), (fb, sb) in zip(zip(in_features, strides), zip(in_features[1:], strides[1:])):
         if sb != 2 * sa:
@@ -178,6 +207,13 @@ def build_fpn(
         raise config_error(key("out_channels"), out_channels, problem="must be a positive int", fix="use e.g. 256")
     if top_block not in TOP_BLOCKS:
         raise config_error(key("top_block"), top_block, TOP_BLOCKS, nearest=True)
+    if isinstance(top_block_levels, bool) or not isinstance(top_block_levels, int) or top_block_levels < 1:
+        raise config_error(key("top_block_levels"), top_block_levels, problem="must be an int >= 1",
+                           fix="use 1 (P6) or more extra max-pool levels")
+    if top_block_levels != 1 and top_block != "maxpool":
+        raise config_error(key("top_block_levels"), top_block_levels,
+                           problem=f"applies to top block 'maxpool' only, not {top_block!r}",
+                           fix=f"leave {key('top_block_levels')} at 1 with {key('top_block')}={top_block!r}")
     if top_block_source not in TOP_BLOCK_SOURCES:
         raise config_error(key("top_block_source"), top_block_source, TOP_BLOCK_SOURCES, nearest=True)
     if isinstance(norm, str):
@@ -192,7 +228,7 @@ def build_fpn(
     on_lateral = top_block_source == "on_lateral" and top_block in ("p6", "p6p7")
     block = build_top_block(top_block, in_channels=out_channels if on_lateral else src_ch,
                             out_channels=out_channels, in_feature=src, relu=top_block_relu,
-                            lateral_source=on_lateral, key=key("top_block"))
+                            lateral_source=on_lateral, levels=top_block_levels, key=key("top_block"))
     fpn = FPN(bottom_up=bottom_up, in_features=in_features, out_channels=out_channels, norm=norm,
               top_block=block, fuse_type=fuse_type)
     if on_lateral:

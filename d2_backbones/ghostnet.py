@@ -74,7 +74,7 @@ from torch import nn
 
 from detectron2.modeling.backbone import Backbone
 
-from .errors import check_freeze_at, check_out_features, config_error
+from .errors import arg_key, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, NormEvalMixin, SqueezeExcite, freeze_module, \
     make_divisible
 
@@ -229,6 +229,8 @@ def _check_width(width, key: str) -> float:
 class GhostNet(NormEvalMixin, Backbone):
     """GhostNet V1 body (stem + ``blocks.0..9``) as a detectron2 :class:`Backbone`.
 
+    Implements :class:`d2_backbones.families.FamilyBackbone`.
+
     Args:
         width: channel multiplier, any positive float (0.5 / 1.0 / 1.3 documented).
         in_channels: input image channels.
@@ -244,7 +246,6 @@ class GhostNet(NormEvalMixin, Backbone):
             default, as the reference network) or, if False, after ``blocks.8`` (160 ch at
             x1.0; ``blocks.9`` is then not built).
         spec: the block table (default :data:`GHOSTNET_V1`).
-        keys: config-key names for error messages (the registered builders pass them).
     """
 
     # Python-only helper property: keep TorchScript from compiling it (forward does not use it).
@@ -252,6 +253,7 @@ class GhostNet(NormEvalMixin, Backbone):
 
     # forward applies bn1 directly to conv_stem's output (used by d2_backbones.optimize_for_inference)
     conv_norm_pairs = (("conv_stem", "bn1"),)
+    feature_names = GHOSTNET_FEATURES
 
     def __init__(
         self,
@@ -265,13 +267,9 @@ class GhostNet(NormEvalMixin, Backbone):
         with_cp: bool = False,
         final_conv: bool = True,
         spec: Sequence[Sequence[GhostBlockSpec]] = GHOSTNET_V1,
-        keys: Optional[Mapping[str, str]] = None,
     ):
         super().__init__()
-        k = dict(keys or {})
-
-        def key(name):
-            return k.get(name, name)
+        key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
 
         width = _check_width(width, key("width"))
         if isinstance(norm, str) and norm == "":
@@ -306,6 +304,7 @@ class GhostNet(NormEvalMixin, Backbone):
         self.width = width
         self.final_conv = bool(final_conv)
         self.norm_eval = bool(norm_eval)
+        self.with_cp = bool(with_cp)
         self.freeze_at = freeze_at
         stem_ch = make_divisible(GHOSTNET_STEM_CHANNELS * width, _CH_DIVISOR)
         self.conv_stem = nn.Conv2d(in_channels, stem_ch, 3, 2, 1, bias=False)
@@ -340,28 +339,35 @@ class GhostNet(NormEvalMixin, Backbone):
         self._out_feature_channels = {f: channels[ends[f] + 1] for f in self._out_features}
         self._out_feature_strides = {f: groups[ends[f]][1] for f in self._out_features}
 
-        self._freeze(freeze_at)
+        self.freeze(freeze_at)
         self.train()
 
-    def _freeze(self, freeze_at: int) -> None:
+    def freeze(self, freeze_at: int = 0) -> "GhostNet":
+        """Freeze the stem group (``freeze_at >= 1``) and the first ``freeze_at - 1`` stages; only their
+        norms become FrozenBN."""
         if freeze_at >= 1:
             freeze_module(self.conv_stem)
             self.bn1 = freeze_module(self.bn1)
         for i, stage in enumerate(self._group_stage):
             if stage < freeze_at:
                 self.blocks[i] = freeze_module(self.blocks[i])
+        return self
 
     @property
     def stage_names(self) -> List[str]:
-        """Feature names the built groups can produce, in network order."""
-        return list(dict.fromkeys(self._names[s] for s in self._group_stage))
+        """The built stages after the stem, in network order (``stage2``, ...)."""
+        return [n for n in dict.fromkeys(self._names[s] for s in self._group_stage) if n != "stem"]
 
     def named_stages(self) -> List[Tuple[str, List[nn.Module]]]:
-        """``[("stem", [conv_stem, bn1, blocks.0]), ("stage2", [blocks.1, blocks.2]), ...]`` (for summaries)."""
+        """``[("stem", [conv_stem, bn1, blocks.0]), ("stage2", [blocks.1, blocks.2]), ...]``."""
         stages: Dict[str, List[nn.Module]] = {"stem": [self.conv_stem, self.bn1]}
         for i, s in enumerate(self._group_stage):
             stages.setdefault(self._names[s], []).append(self.blocks[i])
         return list(stages.items())
+
+    def describe(self) -> str:
+        """The variant, e.g. ``"GhostNet-1x"``."""
+        return f"GhostNet-{self.width:g}x" + ("" if self.final_conv else " (stage5 before the final conv)")
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
@@ -409,6 +415,7 @@ def convert_ghostnet_state_dict(
 
     Example::
 
+        >>> import timm
         >>> sd = timm.create_model("ghostnet_100").state_dict()
         >>> ours, dropped = convert_ghostnet_state_dict(sd)
         >>> GhostNet(1.0, norm="BN").load_state_dict(ours)  # strict

@@ -17,6 +17,8 @@ Contents:
 * :class:`EffectiveSE` (VoVNetV2 eSE), :class:`SqueezeExcite` (GhostNet SE and the
   ResNet SE plugin), :class:`ContextBlock` (GCNet plugin).
 * :class:`CheckpointMixin` - ``with_cp`` gradient checkpointing for any block.
+* :func:`reduced_precision`, :func:`deform_conv2d_fp32` - mixed precision: the SE/eSE gates
+  and the deformable convs compute in float32 under autocast (fp16/bf16) or in half models.
 * :func:`set_bn_eval`, :class:`NormEvalMixin` - ``norm_eval`` semantics.
 * :func:`freeze_module` - per-module freezing for stems that are not blocks.
 """
@@ -42,9 +44,12 @@ __all__ = [
     "SqueezeExcite",
     "ContextBlock",
     "CheckpointMixin",
+    "checkpoint_keep_bn_stats",
     "NormEvalMixin",
     "set_bn_eval",
     "split_offset_mask",
+    "reduced_precision",
+    "deform_conv2d_fp32",
     "freeze_module",
     "count_params",
 ]
@@ -82,9 +87,12 @@ class CheckedNorm:
     Example::
 
         >>> norm = CheckedNorm("GN", key="MODEL.GHOSTNET.NORM")
-        >>> norm(64)
-        GroupNorm(32, 64, eps=1e-05, affine=True)
-        >>> norm(12)  # raises ConfigError naming MODEL.GHOSTNET.NORM and the 12-channel layer
+        >>> type(norm(64)).__name__, norm(64).num_groups
+        ('GroupNorm', 32)
+        >>> norm(12)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        d2_backbones.errors.ConfigError: MODEL.GHOSTNET.NORM='GN' uses GroupNorm with 32 groups, which does not divide a 12-channel layer ...
     """
 
     def __init__(self, norm: Union[str, Callable, "CheckedNorm"], key: str = "norm"):
@@ -171,12 +179,65 @@ class ConvNormAct(nn.Sequential):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
 
+@torch.jit.unused
+def reduced_precision(x: torch.Tensor) -> bool:
+    """Whether ``x`` is float16/bfloat16 or autocast is on for its device (eager mode only).
+
+    The SE/eSE gates and the deformable convs then compute in float32 (see
+    :func:`gate_input_fp32`, :func:`deform_conv2d_fp32`). TorchScript never calls this: the
+    callers test ``torch.jit.is_scripting()`` first, and scripted models run in float32.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return True
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def _conv_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in float32 whatever the dtype of its weights (1x1 gate convs of a half model)."""
+    bias = None if conv.bias is None else conv.bias.float()
+    return F.conv2d(x, conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@torch.jit.unused
+def gate_input_fp32(x: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``gate(mean_hw(x))`` computed in float32 with autocast off, returned in ``x``'s dtype.
+
+    The spatial mean is accumulated in float32 (no float32 copy of ``x``); the 1x1 convs and the
+    (hard-)sigmoid then run on a ``C``-vector, so the float32 gate costs nothing measurable. In
+    float16 the 1x1 convs can overflow (65504 is its largest value): the gate, multiplied into
+    every pixel, then saturates, or turns NaN where infinities of both signs meet; bfloat16 has
+    the range but rounds the gate to about 3 significant digits.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return gate(x.mean((2, 3), keepdim=True, dtype=torch.float32)).to(x.dtype)
+
+
+@torch.jit.unused
+def deform_conv2d_fp32(conv: nn.Module, x: torch.Tensor, offset: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` with ``conv``'s weights, computed in float32; result in ``x``'s dtype.
+
+    torchvision's CPU kernel has no float16/bfloat16 version ("deformable_im2col" not
+    implemented), and its CUDA autocast rule casts to float32 anyway; the sampling offsets
+    also need float32 to address sub-pixel positions of large maps.
+    """
+    import torchvision  # local: layers.py is imported by modules that never use DCN
+
+    bias = None if conv.bias is None else conv.bias.float()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = torchvision.ops.deform_conv2d(
+            x.float(), offset.float(), conv.weight.float(), bias, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, mask=None if mask is None else mask.float())
+    return out.to(x.dtype)
+
+
 class EffectiveSE(nn.Module):
     """Effective Squeeze-Excitation (VoVNetV2, :paper:`CenterMask`).
 
     ``x * hard_sigmoid(fc(mean_hw(x)))`` with ``fc`` a 1x1 conv C -> C **with bias**;
     hard_sigmoid is ``relu6(x + 3) / 6``. The attribute name ``fc`` matches both
-    vovnet-detectron2 (``ese.fc``) and timm (``attn.fc``).
+    vovnet-detectron2 (``ese.fc``) and timm (``attn.fc``). Under autocast or in a half
+    model the gate is computed in float32 (:func:`gate_input_fp32`).
 
     Example::
 
@@ -189,8 +250,15 @@ class EffectiveSE(nn.Module):
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        if not torch.jit.is_scripting() and reduced_precision(x):
+            gate = self._gate_fp32(x)
+        else:
+            gate = F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
         return x * gate if torch.is_grad_enabled() else x.mul_(gate)  # in place when inferring
+
+    @torch.jit.unused
+    def _gate_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return gate_input_fp32(x, lambda s: F.hardsigmoid(_conv_fp32(self.fc, s)))
 
 
 class SqueezeExcite(nn.Module):
@@ -202,7 +270,8 @@ class SqueezeExcite(nn.Module):
         gate: ``"sigmoid"`` (SENet, the ResNet SE plugin) or ``"hard_sigmoid"``
             (GhostNet: ``relu6(x + 3) / 6``).
 
-    Attribute names ``conv_reduce``/``conv_expand`` match timm's GhostNet SE.
+    Attribute names ``conv_reduce``/``conv_expand`` match timm's GhostNet SE. Under autocast
+    or in a half model the gate is computed in float32 (:func:`gate_input_fp32`).
 
     Example::
 
@@ -221,9 +290,19 @@ class SqueezeExcite(nn.Module):
         self.hard = gate == "hard_sigmoid"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and reduced_precision(x):
+            return x * self._gate_fp32(x)
         s = self.conv_expand(F.relu(self.conv_reduce(x.mean((2, 3), keepdim=True))))
         gate = F.hardsigmoid(s) if self.hard else torch.sigmoid(s)
         return x * gate
+
+    @torch.jit.unused
+    def _gate_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        def gate(s: torch.Tensor) -> torch.Tensor:
+            s = _conv_fp32(self.conv_expand, F.relu(_conv_fp32(self.conv_reduce, s)))
+            return F.hardsigmoid(s) if self.hard else torch.sigmoid(s)
+
+        return gate_input_fp32(x, gate)
 
 
 class ContextBlock(nn.Module):
@@ -266,7 +345,7 @@ def _batchnorms_updating(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
 
 
-def _checkpoint_keep_bn_stats(fn: Callable[..., torch.Tensor], module: nn.Module, *xs: torch.Tensor):
+def checkpoint_keep_bn_stats(fn: Callable[..., torch.Tensor], module: nn.Module, *xs: torch.Tensor):
     """``torch.utils.checkpoint`` that does not update BatchNorm running stats twice.
 
     The backward pass re-runs ``fn``; in train mode that would apply a second
@@ -313,7 +392,7 @@ class CheckpointMixin:
 
     @torch.jit.unused
     def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
-        return _checkpoint_keep_bn_stats(self._forward_impl, self, x)
+        return checkpoint_keep_bn_stats(self._forward_impl, self, x)
 
 
 def split_offset_mask(out: torch.Tensor, modulated: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

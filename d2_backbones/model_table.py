@@ -53,65 +53,75 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["VARIANTS", "LARGE_VARIANTS", "variant_cfg", "build_variant", "measure_variant", "format_table", "main"]
+from .families import FAMILIES, Family
 
-# name -> (family, config overrides). ResNets use pytorch style (STRIDE_IN_1X1 False, stride on
-# the 3x3 as torchvision/timm/mmdet; parameters do not depend on it, but caffe style (detectron2's
-# default, stride on the 1x1) has fewer MACs: R-50 3.86 instead of 4.09 G at 224).
-VARIANTS: Dict[str, Tuple[str, List]] = collections.OrderedDict()
-for _d in (18, 34, 50, 101, 152):
-    VARIANTS[f"R-{_d}"] = ("resnet", ["MODEL.RESNETS.DEPTH", _d, "MODEL.RESNETS.RES2_OUT_CHANNELS",
-                                      64 if _d < 50 else 256, "MODEL.RESNETS.STRIDE_IN_1X1", False])
-VARIANTS["X-101-32x8d"] = ("resnet", ["MODEL.RESNETS.DEPTH", 101, "MODEL.RESNETS.NUM_GROUPS", 32,
-                                      "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.RESNETS.STRIDE_IN_1X1", False])
-for _v in ("V-19-slim-dw-eSE", "V-19-dw-eSE", "V-19-slim-eSE", "V-19-eSE", "V-39-eSE", "V-57-eSE", "V-99-eSE"):
-    VARIANTS[_v] = ("vovnet", ["MODEL.VOVNET.CONV_BODY", _v])
-for _w in (0.5, 1.0, 1.3):
-    VARIANTS[f"GhostNet-{_w}"] = ("ghostnet", ["MODEL.GHOSTNET.WIDTH", _w])
+__all__ = ["VARIANTS", "LARGE_VARIANTS", "variant_family", "variant_cfg", "build_variant", "measure_variant",
+           "format_table", "cpu_name", "main"]
+
+# name -> (family, config overrides), from every family's ``variants`` in FAMILIES. ResNets use
+# pytorch style (STRIDE_IN_1X1 False, stride on the 3x3 as torchvision/timm/mmdet; parameters do
+# not depend on it, but caffe style (detectron2's default, stride on the 1x1) has fewer MACs:
+# R-50 3.86 instead of 4.09 G at 224).
+class _Variants(Mapping):
+    """A live view: a family registered later (d2_backbones.register_family) appears too."""
+
+    def _table(self) -> Dict[str, Tuple[str, List]]:
+        return {name: (fam.name, list(overrides)) for fam in FAMILIES.values()
+                for name, overrides in fam.variants.items()}
+
+    def __getitem__(self, name: str) -> Tuple[str, List]:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+VARIANTS: Mapping[str, Tuple[str, List]] = _Variants()
 
 # Variants whose 800x1333 flop counting takes longest on a small CPU; --no-large skips them.
 LARGE_VARIANTS = ("R-152", "X-101-32x8d", "V-99-eSE")
-
-_FAMILY = {
-    "resnet": ("build_d2b_resnet", "MODEL.RESNETS", ["res2", "res3", "res4", "res5"]),
-    "vovnet": ("build_d2b_vovnet", "MODEL.VOVNET", ["stage2", "stage3", "stage4", "stage5"]),
-    "ghostnet": ("build_d2b_ghostnet", "MODEL.GHOSTNET", ["stage2", "stage3", "stage4", "stage5"]),
-}
 
 SIZE_224 = (224, 224)
 SIZE_DET = (800, 1333)
 SIZE_DET_PADDED = (800, 1344)  # 800x1333 padded to a multiple of 32, as detectron2's ImageList does
 
 
-def variant_cfg(name: str, fpn: bool):
-    """The config of variant ``name`` (see :data:`VARIANTS`), for the backbone or backbone+FPN builder."""
+def variant_family(name: str) -> Family:
+    """The :class:`~d2_backbones.families.Family` of variant ``name``."""
     import d2_backbones
 
     if name not in VARIANTS:
         raise d2_backbones.ConfigError(
             f"Unknown model-table variant {name!r}. Valid values: {', '.join(VARIANTS)}. "
             f"Fix: pass names from that list to --variants.")
-    family, overrides = VARIANTS[name]
-    prefix, node, feats = _FAMILY[family]
+    return FAMILIES[VARIANTS[name][0]]
+
+
+def variant_cfg(name: str, fpn: bool):
+    """The config of variant ``name`` (see :data:`VARIANTS`), for the backbone or backbone+FPN builder."""
+    import d2_backbones
+
+    fam = variant_family(name)
+    feats = list(fam.stage_names)
     cfg = d2_backbones.get_cfg()
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu",
-        "MODEL.BACKBONE.NAME", f"{prefix}_fpn_backbone" if fpn else f"{prefix}_backbone",
+        "MODEL.BACKBONE.NAME", fam.builder_names[1 if fpn else 0],
         "MODEL.BACKBONE.FREEZE_AT", 0,
-        f"{node}.NORM", "BN",
-        f"{node}.OUT_FEATURES", feats,
+        fam.arg_keys["norm"], "BN",
+        fam.out_features_key, feats,
         "MODEL.FPN.IN_FEATURES", feats,
         "MODEL.FPN.OUT_CHANNELS", 256,
         "MODEL.FPN.TOP_BLOCK", "maxpool",
-        # no heads are built; keep their feature lists consistent with this backbone
-        "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"] if fpn else feats[-1:],
-        "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"] if fpn else feats[-1:],
-    ] + list(overrides))
+    ] + list(VARIANTS[name][1]))
     return cfg
 
 
@@ -204,7 +214,8 @@ def measure_variant(name: str, *, latency_runs: int = 30, warmup: int = 5, det_s
     return row
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model name (for the table's caption)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -247,7 +258,7 @@ def format_table(rows: Sequence[Dict], *, threads: int, latency_runs: int, warmu
         f"Ops fvcore skipped (no counter; they are not in the totals): {ops}.",
         "",
         f"CPU latency: backbone only, 1x3x224x224, fp32, `eval()` + `no_grad()`, {warmup} warm-up runs, "
-        f"median of {latency_runs} runs, torch.set_num_threads({threads}); {_cpu_name()}, "
+        f"median of {latency_runs} runs, torch.set_num_threads({threads}); {cpu_name()}, "
         f"torch {torch.__version__}. Machine-dependent: compare rows, not machines.",
     ]
     if seconds is not None:

@@ -17,6 +17,7 @@ import logging
 
 from detectron2.engine import DefaultPredictor
 
+from .build import check_head_features
 from .weights import Checkpointer
 
 __all__ = ["Predictor"]
@@ -31,7 +32,11 @@ class Predictor(DefaultPredictor):
         unloaded = cfg.clone()
         unloaded.defrost()
         unloaded.MODEL.WEIGHTS = ""  # detectron2's constructor builds and prepares; it loads nothing
-        super().__init__(unloaded)
+        try:
+            super().__init__(unloaded)
+        except KeyError:  # a head asking for a feature the backbone lacks: say which key and what to change
+            check_head_features(cfg)
+            raise
         self.cfg = cfg.clone()
         if cfg.MODEL.WEIGHTS:
             Checkpointer(self.model, cfg=self.cfg).load(cfg.MODEL.WEIGHTS)

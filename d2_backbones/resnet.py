@@ -58,8 +58,9 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
 from detectron2.modeling.backbone.resnet import BasicStem
 
-from .errors import check_freeze_at, check_out_features, config_error
+from .errors import arg_key, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite, split_offset_mask
+from .layers import deform_conv2d_fp32, reduced_precision
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -232,15 +233,22 @@ class ResNetBottleneckBlock(CheckpointMixin, BottleneckBlock):
 
 
 class _DeformConv2d(torchvision.ops.DeformConv2d):
-    """torchvision's deformable conv (CPU and GPU) with a detectron2-style ``norm`` child."""
+    """torchvision's deformable conv (CPU and GPU) with a detectron2-style ``norm`` child.
+
+    Under autocast or in a half model the deformable conv computes in float32 (torchvision's CPU
+    kernel has no float16/bfloat16 version), see :func:`~d2_backbones.layers.deform_conv2d_fp32`.
+    """
 
     def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.norm = norm
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
-                                          padding=self.padding, dilation=self.dilation, mask=mask)
+        if not torch.jit.is_scripting() and reduced_precision(x):
+            x = deform_conv2d_fp32(self, x, offset, mask)
+        else:
+            x = torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
+                                              padding=self.padding, dilation=self.dilation, mask=mask)
         if self.norm is not None:
             x = self.norm(x)
         return x
@@ -287,18 +295,32 @@ class ResNetDeformBottleneckBlock(ResNetBottleneckBlock):
 class ResNet(NormEvalMixin, _D2ResNet):
     """detectron2's :class:`ResNet` plus ``norm_eval``; freezing is detectron2's per-block freeze.
 
-    ``freeze_at=k`` freezes the stem (k >= 1) and ``res2..res(k)``: their parameters get
-    ``requires_grad=False`` and *only their* BatchNorms become ``FrozenBatchNorm2d``.
-    ``norm_eval=True`` keeps the running statistics of every other BatchNorm fixed in
-    train mode (affine parameters still learn). Use :func:`build_resnet` to construct one.
+    Implements :class:`d2_backbones.families.FamilyBackbone`. ``freeze_at=k`` freezes the
+    stem (k >= 1) and ``res2..res(k)``: their parameters get ``requires_grad=False`` and
+    *only their* BatchNorms become ``FrozenBatchNorm2d``. ``norm_eval=True`` keeps the
+    running statistics of every other BatchNorm fixed in train mode (affine parameters
+    still learn). Use :func:`build_resnet` to construct one.
     """
 
+    feature_names = RESNET_FEATURES
+    conv_norm_pairs: Tuple[Tuple[str, str], ...] = ()  # every conv-norm pair is a detectron2 Conv2d(norm=...)
+
     def __init__(self, stem: nn.Module, stages: List[List[CNNBlockBase]], out_features: Sequence[str],
-                 freeze_at: int = 0, norm_eval: bool = False):
+                 freeze_at: int = 0, norm_eval: bool = False, with_cp: bool = False, title: str = "ResNet"):
         super().__init__(stem, stages, num_classes=None, out_features=list(out_features), freeze_at=freeze_at)
         self.norm_eval = norm_eval
+        self.with_cp = with_cp
         self.freeze_at = freeze_at
+        self._title = title
         self.train()
+
+    def named_stages(self) -> List[Tuple[str, List[nn.Module]]]:
+        """``[("stem", [stem]), ("res2", [res2]), ...]`` for the built stages."""
+        return [("stem", [self.stem])] + [(n, [getattr(self, n)]) for n in self.stage_names]
+
+    def describe(self) -> str:
+        """The variant, e.g. ``"ResNet-50-V1d (style=pytorch)"``."""
+        return self._title
 
 
 def _check_choice(key, value, valid):
@@ -361,7 +383,6 @@ def build_resnet(
     deform_modulated: bool = False,
     deform_num_groups: int = 1,
     plugins: Sequence[Mapping] = (),
-    keys: Optional[Mapping[str, str]] = None,
 ) -> ResNet:
     """Build a :class:`ResNet` from plain keyword arguments (no config needed).
 
@@ -383,17 +404,11 @@ def build_resnet(
         zero_init_residual: zero the last norm's weight of every residual branch.
         deform_on_per_stage, deform_modulated, deform_num_groups: DCN (Bottleneck only).
         plugins: dicts ``{"type": "gc"|"se", "position": "after_conv1|2|3", "stages": [4 bools], "ratio": r}``.
-        keys: names to use in error messages instead of the argument names (the
-            registered builders pass config keys such as ``MODEL.RESNETS.DEPTH``).
 
     Returns:
         ResNet: a detectron2 ``Backbone`` whose ``output_shape()`` gives the exact channels and strides.
     """
-    k = dict(keys or {})
-
-    def key(name):
-        return k.get(name, name)
-
+    key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
     if depth not in RESNET_DEPTHS:
         raise config_error(key("depth"), depth, list(RESNET_DEPTHS))
     kind, blocks_per_stage = RESNET_DEPTHS[depth]
@@ -448,7 +463,11 @@ def build_resnet(
         stages.append(_D2ResNet.make_stage(block_cls, n, in_channels=in_ch, out_channels=out_ch,
                                            stride_per_block=[strides[idx]] + [1] * (n - 1), **common))
         in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
-    return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at, norm_eval=norm_eval)
+    name = f"ResNeXt-{depth}-{num_groups}x{width_per_group}d" if num_groups > 1 else f"ResNet-{depth}"
+    variant = "-V1d" if deep_stem and avg_down else "-V1c" if deep_stem else ""
+    title = f"{name}{variant} (style={'caffe' if stride_in_1x1 else 'pytorch'})"
+    return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at, norm_eval=norm_eval,
+                  with_cp=with_cp, title=title)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,11 +30,12 @@ def summarize_backbone(model: Backbone, title: str = "") -> str:
     """Describe frozen parts, norm per stage, norm_eval, with_cp and outputs of ``model``.
 
     Works for any detectron2 ``Backbone`` (an FPN is described through its bottom-up network).
-    A "stage" is an entry of ``body.named_stages()`` when the backbone defines it (a list of
-    ``(name, [modules])``), else a direct child of the bottom-up network with parameters or buffers.
+    A "stage" is an entry of ``body.named_stages()`` (the family interface,
+    :class:`~d2_backbones.families.FamilyBackbone`); for another backbone, a direct child with
+    parameters or buffers.
     """
     body = model.bottom_up if isinstance(model, FPN) else model
-    if hasattr(body, "named_stages"):
+    if callable(getattr(body, "named_stages", None)):
         stages = [(n, nn.ModuleList(mods)) for n, mods in body.named_stages()]
     else:
         stages = list(body.named_children())
@@ -48,7 +49,7 @@ def summarize_backbone(model: Backbone, title: str = "") -> str:
             frozen.append(f"{name} ({norms})")
         else:
             trainable.append(f"{name} {norms}")
-    with_cp = any(getattr(m, "with_cp", False) for m in body.modules())
+    with_cp = bool(getattr(body, "with_cp", False)) or any(getattr(m, "with_cp", False) for m in body.modules())
     outs = ", ".join(f"{k} s{v.stride} {v.channels}ch" for k, v in model.output_shape().items())
     parts = [title or type(body).__name__,
              "frozen: " + (", ".join(frozen) if frozen else "nothing"),

@@ -8,8 +8,10 @@ trailing ``KEY VALUE`` overrides) and adds:
   different file or a clash with a built-in name is an error.
 * ``--num-classes auto``: set every head's ``NUM_CLASSES`` from the datasets' ``thing_classes``;
   without it a mismatch is an error naming each key and value.
+* ``--skip-image-check``: the datasets are checked on arrival, before the model is built
+  (:mod:`d2_backbones.data`); this skips the check that every image file exists.
 * the ``shapes_train`` / ``shapes_val`` quickstart datasets, generated on first use
-  (:mod:`d2_backbones.shapes`).
+  (:mod:`d2_backbones.data`).
 
 Setup order: ``get_cfg`` -> :func:`~d2_backbones.add_config` -> file -> overrides -> checks ->
 ``default_setup``. The :class:`Trainer` uses COCO evaluation, keeps ``SOLVER.MAX_TO_KEEP``
@@ -22,24 +24,24 @@ rejects).
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.engine.defaults as _d2_defaults
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .build import check_head_features
 from .config import add_config, cfg_get, get_cfg
+from .data import coco_classes as _coco_classes
+from .data import register_coco_datasets, register_used_shapes
 from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
 from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
@@ -48,8 +50,6 @@ __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num
            "AtomicCheckpointer", "ddp_any_device"]
 
 logger = logging.getLogger("d2_backbones")
-
-SHAPES_DATASETS = ("shapes_train", "shapes_val")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -61,6 +61,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="register a COCO-format dataset (repeatable); use NAME in DATASETS.TRAIN/TEST")
     parser.add_argument("--num-classes", default=None,
                         help="'auto': set MODEL.*.NUM_CLASSES from the datasets' classes; an int: set them to it")
+    parser.add_argument("--skip-image-check", action="store_true",
+                        help="check the --register-coco datasets without looking for every image file on disk")
     return parser
 
 
@@ -76,43 +78,6 @@ def check_opts(opts: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-def _coco_classes(json_file: str) -> List[str]:
-    with open(json_file) as f:
-        cats = json.load(f).get("categories", [])
-    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
-
-
-def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
-    """Register ``[(name, json, image_root), ...]`` as COCO instance datasets (idempotent, see module doc)."""
-    for name, json_file, image_root in specs:
-        json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
-        if not os.path.isfile(json_file):
-            raise ConfigError(f"--register-coco {name}: JSON file {json_file!r} does not exist.")
-        if not os.path.isdir(image_root):
-            raise ConfigError(f"--register-coco {name}: IMAGE_ROOT {image_root!r} is not a directory.")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            old = (meta.get("json_file"), meta.get("image_root"))
-            if old == (json_file, image_root):
-                continue
-            if meta.get("json_file") is None or not getattr(meta, "_d2b_registered", False):
-                raise ConfigError(
-                    f"--register-coco {name}: {name!r} is already a registered dataset (a built-in of detectron2 "
-                    f"or registered by other code). Fix: choose another NAME, e.g. 'my_{name}'.")
-            raise ConfigError(
-                f"--register-coco {name}: {name!r} is already registered with JSON {old[0]!r} and IMAGE_ROOT "
-                f"{old[1]!r}, not {json_file!r} / {image_root!r}. Fix: use a different NAME for different files.")
-        register_coco_instances(name, {"thing_classes": _coco_classes(json_file)}, json_file, image_root)
-        MetadataCatalog.get(name)._d2b_registered = True
-
-
-def _register_used_shapes(cfg) -> None:
-    used = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
-    if used & set(SHAPES_DATASETS):
-        from .shapes import register_shapes
-        register_shapes()
-
-
 def _head_class_keys(cfg) -> List[str]:
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch == "RetinaNet":
@@ -187,12 +152,14 @@ def setup(args):
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    register_coco_datasets(getattr(args, "register_coco", []) or [])
-    _register_used_shapes(cfg)
+    # our logger first: the datasets' checks on arrival log their warnings through it
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
+    register_coco_datasets(getattr(args, "register_coco", []) or [],
+                           check_images=not getattr(args, "skip_image_check", False))
+    register_used_shapes(cfg)
     check_num_classes(cfg, getattr(args, "num_classes", None))
     cfg.freeze()
     default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
     return cfg
 
 
@@ -235,6 +202,16 @@ class Trainer(DefaultTrainer):
         logger.info(f"Effective batch: SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} images per iteration over "
                     f"{ws} process(es) ({cfg.SOLVER.IMS_PER_BATCH // max(ws, 1)} each), SOLVER.BASE_LR="
                     f"{cfg.SOLVER.BASE_LR}, MAX_ITER={cfg.SOLVER.MAX_ITER}, device={cfg.MODEL.DEVICE}")
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's; a head asking for a feature the backbone lacks gets :func:`~d2_backbones.check_head_features`'
+        message (before any data is loaded)."""
+        try:
+            return super().build_model(cfg)
+        except KeyError:
+            check_head_features(cfg)
+            raise
 
     def build_hooks(self):
         cfg = self.cfg

@@ -82,9 +82,10 @@ from torch import nn
 from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone import Backbone
 
-from .errors import check_freeze_at, check_out_features, config_error
-from .layers import (CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, _checkpoint_keep_bn_stats,
+from .errors import arg_key, check_freeze_at, check_out_features, config_error
+from .layers import (CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, checkpoint_keep_bn_stats,
                      split_offset_mask)
+from .layers import deform_conv2d_fp32, reduced_precision
 
 __all__ = [
     "ESE_PLACEMENTS",
@@ -190,7 +191,9 @@ class DeformConvUnit(nn.Module):
     starts as a regular conv), ``{prefix}/conv`` (deformable weight, no bias), ``{prefix}/norm``.
     The offset conv predicts ``18 * G`` offsets (+ ``9 * G`` mask logits for v2, sigmoid-gated;
     channel layout offsets first, mask last, as centermask2). Runs
-    ``torchvision.ops.deform_conv2d``, so it works on CPU and GPU. Stride 1, dilation 1.
+    ``torchvision.ops.deform_conv2d``, so it works on CPU and GPU. Stride 1, dilation 1. Under
+    autocast or in a half model the deformable conv computes in float32
+    (:func:`~d2_backbones.layers.deform_conv2d_fp32`).
     """
 
     def __init__(self, in_ch: int, out_ch: int, prefix: str, norm: CheckedNorm, *, modulated: bool = False,
@@ -211,7 +214,11 @@ class DeformConvUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask = split_offset_mask(getattr(self, self._names[0])(x), self.modulated)
-        x = getattr(self, self._names[1])(x, offset, mask)
+        dcn = getattr(self, self._names[1])
+        if not torch.jit.is_scripting() and reduced_precision(x):
+            x = deform_conv2d_fp32(dcn, x, offset, mask)
+        else:
+            x = dcn(x, offset, mask)
         norm = getattr(self, self._names[2], None)
         if norm is not None:
             x = norm(x)
@@ -306,11 +313,11 @@ class OSAModule(CheckpointMixin, nn.Module):
         # so backward holds one part's activations at a time (the layer outputs are kept: the
         # aggregation needs them anyway). Same outputs, gradients and BatchNorm statistics.
         feats = [x]
-        y = x if self.conv_reduction is None else _checkpoint_keep_bn_stats(self.conv_reduction, self.conv_reduction, x)
+        y = x if self.conv_reduction is None else checkpoint_keep_bn_stats(self.conv_reduction, self.conv_reduction, x)
         for layer in self.layers:
-            y = _checkpoint_keep_bn_stats(layer, layer, y)
+            y = checkpoint_keep_bn_stats(layer, layer, y)
             feats.append(y)
-        return _checkpoint_keep_bn_stats(lambda *f: self._aggregate(list(f)), self.concat, *feats)
+        return checkpoint_keep_bn_stats(lambda *f: self._aggregate(list(f)), self.concat, *feats)
 
 
 class OSAStage(CNNBlockBase):
@@ -381,6 +388,8 @@ def resolve_vovnet_spec(spec: Union[str, VoVNetSpec, Mapping], key: str = "spec"
 class VoVNet(NormEvalMixin, Backbone):
     """VoVNetV2-eSE / VoVNetV1 as a detectron2 ``Backbone`` (plain keyword arguments, no cfg).
 
+    Implements :class:`d2_backbones.families.FamilyBackbone`.
+
     Args:
         spec: a :data:`VOVNET_SPECS` name (``"V-39-eSE"``), a :class:`VoVNetSpec` or a mapping
             of its fields.
@@ -396,8 +405,10 @@ class VoVNet(NormEvalMixin, Backbone):
         stage_with_dcn: 4 bools (stage2..stage5): deformable 3x3 OSA layers in that stage.
         with_modulated_dcn: DCNv2 (offsets + mask) instead of DCNv1.
         deformable_groups: offset groups of the deformable convs.
-        keys: names for error messages (the registered builders pass config keys).
     """
+
+    feature_names = VOVNET_FEATURES
+    conv_norm_pairs: Tuple[Tuple[str, str], ...] = ()  # the stem declares its own pairs
 
     def __init__(
         self,
@@ -413,13 +424,9 @@ class VoVNet(NormEvalMixin, Backbone):
         stage_with_dcn: Sequence[bool] = (False, False, False, False),
         with_modulated_dcn: bool = False,
         deformable_groups: int = 1,
-        keys: Optional[Mapping[str, str]] = None,
     ):
         super().__init__()
-        k = dict(keys or {})
-
-        def key(name):
-            return k.get(name, name)
+        key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
 
         self.spec_name, spec = resolve_vovnet_spec(spec, key("spec"))
         if ese_placement not in (None, ""):
@@ -477,6 +484,7 @@ class VoVNet(NormEvalMixin, Backbone):
 
         self._init_weights()
         self.norm_eval = norm_eval
+        self.with_cp = with_cp
         self.freeze_at = freeze_at
         self.freeze(freeze_at)
         self.train()
@@ -495,6 +503,16 @@ class VoVNet(NormEvalMixin, Backbone):
             if freeze_at >= i + 2:
                 getattr(self, name).freeze()
         return self
+
+    def named_stages(self) -> List[Tuple[str, List[nn.Module]]]:
+        """``[("stem", [stem]), ("stage2", [stage2]), ...]`` for the built stages."""
+        return [("stem", [self.stem])] + [(n, [getattr(self, n)]) for n in self.stage_names]
+
+    def describe(self) -> str:
+        """The variant, e.g. ``"VoVNet V-39-eSE (eSE=all, residual=True)"``."""
+        dcn = [n for n in self.stage_names if any("/conv_offset" in k for k, _ in getattr(self, n).named_modules())]
+        return (f"VoVNet {self.spec_name} (eSE={self.spec.ese}, residual={self.spec.residual}"
+                + (f", DCN in {', '.join(dcn)}" if dcn else "") + ")")
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         # The children are exactly stem, stage2.. in network order; iterating them (instead of
@@ -551,11 +569,13 @@ def convert_timm_vovnet(sd: Mapping[str, torch.Tensor], prefix: str = "") -> Tup
 
     Example::
 
+        >>> import timm
         >>> sd, dropped = convert_timm_vovnet(timm.create_model("ese_vovnet39b").state_dict())
         >>> VoVNet("V-39-eSE", norm="BN", ese_placement="last").load_state_dict(sd)
         <All keys matched successfully>
-        >>> sd, _ = convert_timm_vovnet(timm_state_dict, prefix="backbone.bottom_up.")
-        >>> torch.save({"model": sd}, "ese_vovnet39b_d2.pth")  # MODEL.WEIGHTS: "ese_vovnet39b_d2.pth"
+
+    For ``MODEL.WEIGHTS`` of a detector, ``python -m d2_backbones.convert`` writes the file (with the
+    ``backbone.bottom_up.`` prefix, metadata and the config the weights need).
     """
     out, dropped = {}, []
     for k, v in sd.items():

@@ -94,6 +94,7 @@ def test_torchscript_matches_eager(name, method, tmp_path):
     assert list(eager) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["R-18", "V-19-slim-dw-eSE", "GhostNet-1.0"])
 def test_onnx_dynamo_matches_eager(name, tmp_path):
     model = _model(name)
@@ -107,6 +108,7 @@ def test_onnx_dynamo_matches_eager(name, tmp_path):
             _assert_same(model(x), run_onnx(path, x))
 
 
+@pytest.mark.slow
 def test_onnx_legacy_exporter_matches_eager(tmp_path):
     model = _model("V-39-eSE")  # residual OSA modules and eSE in every module
     path = str(tmp_path / "v39.onnx")
@@ -131,6 +133,7 @@ def test_input_size_not_divisible_is_refused_with_fix():
         check_input_size(500, 500)
 
 
+@pytest.mark.slow
 def test_main_with_normalization_inside(tmp_path):
     report = main(["--config-file", os.path.join(CONFIG_DIR, "GhostNet/retinanet_ghostnet_050_FPN_1x.yaml"),
                    "--format", "torchscript", "--export-method", "scripting", "--include-normalization",
@@ -141,6 +144,7 @@ def test_main_with_normalization_inside(tmp_path):
     assert (tmp_path / "backbone_fpn_scripting.ts").is_file()
 
 
+@pytest.mark.slow
 def test_tools_export_entry_point(tmp_path):
     """tools/export.py in a fresh process: applies our config keys first, exports ONNX, checks parity."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -3,6 +3,7 @@ import pytest
 import torch
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
+from d2_backbones.errors import argument_keys
 from d2_backbones import ConfigError, build_fpn, build_resnet
 from d2_backbones.fpn import ExtraConvLevels
 
@@ -110,7 +111,8 @@ def test_fpn_errors(kw, match):
 def test_dilated_backbone_strides_error_names_features():
     bb = build_resnet(50, norm="BN", strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2))
     with pytest.raises(ConfigError, match=r"res4 has stride 16 and res5 has stride 16.*dilated"):
-        build_fpn(bb, C2_C5, 32, keys={"in_features": "MODEL.FPN.IN_FEATURES"})
+        with argument_keys({"in_features": "MODEL.FPN.IN_FEATURES"}):
+            build_fpn(bb, C2_C5, 32)
 
 
 def test_scripting_and_tracing_match_eager():

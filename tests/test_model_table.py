@@ -59,6 +59,7 @@ def _int(cell):
     return int(cell.replace(",", ""))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["R-50", "V-39-eSE", "GhostNet-1.0"])
 def test_params_equal_reference(table, name):
     _, rows = table
@@ -67,6 +68,7 @@ def test_params_equal_reference(table, name):
     assert _int(rows[name][2]) == backbone + fpn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["R-50", "V-39-eSE", "GhostNet-1.0"])
 def test_gmacs_224_close_to_reference(table, name):
     _, rows = table
@@ -82,6 +84,7 @@ def test_gmacs_224_close_to_reference(table, name):
     assert conv <= total <= conv * 1.06
 
 
+@pytest.mark.slow
 def test_footnotes_state_method_and_skipped_ops(table):
     text, rows = table
     assert "fvcore counts one multiply-add as one flop" in text

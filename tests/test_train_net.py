@@ -70,6 +70,7 @@ def _bbox_ap(text):
 
 
 # ------------------------------------------------------------------------------------------ quickstart
+@pytest.mark.slow
 def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_path):
     out = str(tmp_path / "qs")
     common = ["--config-file", QUICK]
@@ -109,6 +110,7 @@ def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ distributed
+@pytest.mark.slow
 def test_two_cpu_processes_train(data_root, tmp_path):
     out = str(tmp_path / "ddp")
     p = _run(["--config-file", QUICK, "--num-gpus", 2, "--dist-url", f"tcp://127.0.0.1:{_free_port()}",
@@ -125,6 +127,7 @@ def test_two_cpu_processes_train(data_root, tmp_path):
     assert max(r["iteration"] for r in recs) >= 5  # reached the last iteration (0-based 5 of MAX_ITER 6)
 
 
+@pytest.mark.slow
 def test_two_machines_over_loopback(data_root, tmp_path):
     out = str(tmp_path / "mm")
     url = f"tcp://127.0.0.1:{_free_port()}"
@@ -143,6 +146,7 @@ def test_two_machines_over_loopback(data_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ kill + resume
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume(data_root, tmp_path):
     out = str(tmp_path / "kill")
     cmd = [sys.executable, TRAIN_NET, "--config-file", QUICK, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 100000,
@@ -169,6 +173,7 @@ def test_sigkill_mid_training_then_resume(data_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ datasets + checks
+@pytest.mark.slow
 def test_register_coco_with_a_tiny_dataset(data_root, tmp_path):
     tiny = make_shapes(str(tmp_path / "tiny"), n_train=6, n_val=3, size=96, seed=7)
     out = str(tmp_path / "tinyrun")

@@ -4,14 +4,12 @@ End-to-end behaviour through train_net, the predictors, the converter and export
 ``test_weights_e2e.py``.
 """
 import errno
-import io
 import os
 import pickle
 import re
 import shlex
 import stat
 import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -31,7 +31,6 @@ In your own scripts, use it in place of ``DetectionCheckpointer`` (one line)::
 holds across resumes.
 """
 import errno
-import logging
 import os
 import re
 import shutil

@@ -40,10 +40,8 @@ __all__ = ["WeightsMismatchError", "check_weights_metadata", "check_missing_back
 
 logger = logging.getLogger("d2_backbones")
 
-# Which family's config node a registered MODEL.BACKBONE.NAME reads (detectron2's own ResNet
-# builders read MODEL.RESNETS too). Unknown names: the config is not compared, the structural
-# checks still run.
-_FAMILY_NODES = {"resnet": "MODEL.RESNETS.", "vovnet": "MODEL.VOVNET.", "ghostnet": "MODEL.GHOSTNET."}
+# detectron2's own ResNet builders read MODEL.RESNETS too. Other unknown names: the config is not
+# compared, the structural checks still run.
 _DETECTRON2_RESNET_BUILDERS = ("build_resnet_backbone", "build_resnet_fpn_backbone",
                                "build_retinanet_resnet_fpn_backbone")
 
@@ -53,15 +51,14 @@ class WeightsMismatchError(ValueError):
 
 
 def family_of_backbone_name(name: str) -> Optional[str]:
-    """``"resnet"``/``"vovnet"``/``"ghostnet"`` for our builders, their aliases and detectron2's ResNet builders."""
-    from ..build import REGISTERED_NAMES, REGISTRY_ALIASES
+    """The family (``FAMILIES`` name) a ``MODEL.BACKBONE.NAME`` builds; detectron2's ResNet builders count as
+    ``"resnet"``; None for others."""
+    from ..families import family_of_builder
 
     if name in _DETECTRON2_RESNET_BUILDERS:
         return "resnet"
-    name = REGISTRY_ALIASES.get(name, name)
-    if name in REGISTERED_NAMES:
-        return next((f for f in _FAMILY_NODES if f"_{f}_" in name), None)
-    return None
+    fam = family_of_builder(name)
+    return fam.name if fam is not None else None
 
 
 def _cfg_value(cfg, key: str):
@@ -145,7 +142,7 @@ def check_weights_metadata(cfg, checkpoint: Any, log: Optional[logging.Logger] =
     file_family = meta.get("family")
     described = f"{meta.get('arch')}, converted from {meta.get('source_format')}"
     arch_wrong, prep_wrong = [], []
-    if running is not None and file_family in _FAMILY_NODES and running != file_family:
+    if running is not None and file_family is not None and running != file_family:
         msg = (f"The weights hold a {file_family} backbone ({described}) but MODEL.BACKBONE.NAME={backbone_name!r} "
                f"builds a {running} backbone. Fix: use a {file_family} config (configs/ has one per family) or "
                f"weights of the {running} family.")

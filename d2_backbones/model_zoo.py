@@ -1,0 +1,68 @@
+"""The configs that ship with the package: ``get_config_file("VoVNet/faster_rcnn_V_39_eSE_FPN_3x.yaml")``.
+
+As in detectron2's model zoo, ``configs/`` sits at the top of the checkout (one copy in git) and
+the build puts it inside the package as ``d2_backbones/configs`` (``setup.py`` maps the folder), so
+wheels, sdists and checkouts all have it. Names are paths relative to ``configs/``; ``_BASE_``
+files travel with their children, so the returned path merges as is::
+
+    >>> cfg = d2_backbones.get_cfg()
+    >>> cfg.merge_from_file(get_config_file("ResNet/faster_rcnn_R_50_FPN_1x.yaml"))
+"""
+import os
+from typing import List
+
+from .errors import ConfigError, nearest_first
+
+__all__ = ["get_config_file", "config_dir", "list_config_files"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SUFFIXES = (".yaml", ".py")  # yacs yaml files and LazyConfig python files
+
+
+def config_dir() -> str:
+    """The folder holding the configs: ``d2_backbones/configs`` of an installed wheel, else the checkout's ``configs/``.
+
+    (An editable install and a checkout on ``sys.path`` use the top-level folder directly.)
+    """
+    for d in (os.path.join(_HERE, "configs"), os.path.join(os.path.dirname(_HERE), "configs")):
+        if os.path.isdir(d):
+            return d
+    raise FileNotFoundError(
+        f"d2_backbones' configs are missing: neither {os.path.join(_HERE, 'configs')} (an installed package) nor "
+        f"{os.path.join(os.path.dirname(_HERE), 'configs')} (a checkout) exists. Reinstall the package.")
+
+
+def list_config_files() -> List[str]:
+    """Every config name (``"ResNet/faster_rcnn_R_50_FPN_1x.yaml"``, ...), sorted; ``_BASE_`` files included."""
+    root = config_dir()
+    names = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x != "__pycache__"]
+        rel = os.path.relpath(d, root)
+        for f in files:
+            if f.endswith(_SUFFIXES):
+                names.append(f if rel == "." else "/".join(rel.split(os.sep) + [f]))
+    return sorted(names)
+
+
+def get_config_file(name: str) -> str:
+    """Absolute path of the shipped config ``name`` (relative to ``configs/``, e.g. ``"GhostNet/..."``).
+
+    A leading ``configs/`` is accepted (paths as the README writes them). An unknown name raises
+    :class:`~d2_backbones.ConfigError` listing the closest names.
+
+    Example::
+
+        >>> os.path.basename(get_config_file("VoVNet/faster_rcnn_V_39_eSE_FPN_3x.yaml"))
+        'faster_rcnn_V_39_eSE_FPN_3x.yaml'
+    """
+    rel = str(name).replace("\\", "/").lstrip("/")
+    if rel.startswith("configs/"):
+        rel = rel[len("configs/"):]
+    names = list_config_files()
+    if rel not in names:
+        closest = nearest_first(rel, names)[:5]
+        raise ConfigError(
+            f"No config {name!r} among the {len(names)} configs shipped with d2_backbones (in {config_dir()}). "
+            f"Closest: {', '.join(closest)}. d2_backbones.model_zoo.list_config_files() lists them all.")
+    return os.path.join(config_dir(), *rel.split("/"))

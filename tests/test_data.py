@@ -1,0 +1,206 @@
+"""Datasets checked on arrival: every defect of a --register-coco dataset is reported before the model is built.
+
+The defects go through ``python train_net.py --register-coco NAME JSON IMAGE_ROOT ...`` (real subprocesses,
+CPU), on small copies of the synthetic shapes dataset with one defect each.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from d2_backbones import ConfigError
+from d2_backbones.shapes import make_shapes
+
+from conftest import CONFIG_DIR, REPO
+
+TRAIN_NET = os.path.join(REPO, "train_net.py")
+QUICK = os.path.join(CONFIG_DIR, "quickstart", "faster_rcnn_R_18_FPN_shapes.yaml")
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    """A fresh 8-image dataset: (json path, image root, parsed json)."""
+    root = make_shapes(str(tmp_path / "shapes"), n_train=8, n_val=1, size=64, seed=3)
+    json_file = os.path.join(root, "annotations", "train.json")
+    with open(json_file) as f:
+        return json_file, os.path.join(root, "train"), json.load(f)
+
+
+def _write(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _train_net(name, json_file, image_root, out, *extra, timeout=600):
+    cmd = [sys.executable, TRAIN_NET, "--config-file", QUICK, "--register-coco", name, json_file, image_root,
+           *extra, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "DATASETS.TRAIN", f"('{name}',)",
+           "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return p, p.stdout + p.stderr
+
+
+def _assert_failed_before_model(p, log):
+    assert p.returncode != 0, log[-3000:]
+    assert "Built backbone" not in log, log[-3000:]  # the check ran in setup, not in the data loader
+    assert "ConfigError" in p.stderr, p.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_invalid_json_names_file_dataset_and_line_column(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    text = json.dumps(data, indent=1)
+    pos = text.index('"annotations": [') + len('"annotations"')
+    text = text[:pos] + text[pos + 1:]  # drop the ':' -> the parser stops at the '[' (pos + 1 before the cut)
+    bad = str(tmp_path / "broken.json")
+    with open(bad, "w") as f:
+        f.write(text)
+    line, col = text[:pos].count("\n") + 1, pos - text.rfind("\n", 0, pos) + 1
+    p, log = _train_net("broken_train", bad, image_root, tmp_path / "out")
+    _assert_failed_before_model(p, log)
+    err = p.stderr.strip().splitlines()[-1]  # the exception line
+    assert "Dataset 'broken_train'" in err and bad in err, err
+    assert f"line {line}, column {col}" in err, (err, line, col)
+
+
+def test_missing_images_are_counted_and_the_first_five_named(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    names = [im["file_name"] for im in data["images"]]
+    for n in names[1:7]:
+        os.remove(os.path.join(image_root, n))
+    p, log = _train_net("holes_train", json_file, image_root, tmp_path / "out")
+    _assert_failed_before_model(p, log)
+    assert f"6 of 8 image files are missing under IMAGE_ROOT {image_root}: {', '.join(names[1:6])}, ..." in p.stderr
+    assert names[6] not in p.stderr and "--skip-image-check" in p.stderr
+
+
+def test_wrong_image_root_says_so(shapes, tmp_path):
+    json_file, _, data = shapes
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    p, log = _train_net("moved_train", json_file, str(empty), tmp_path / "out")
+    _assert_failed_before_model(p, log)
+    assert "8 of 8 image files are missing" in p.stderr and "IMAGE_ROOT is probably wrong" in p.stderr
+
+
+def test_unknown_category_id_names_the_annotation_and_the_id(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    ann = data["annotations"][3]
+    ann["category_id"] = 9
+    bad = str(tmp_path / "cats.json")
+    _write(bad, data)
+    p, log = _train_net("cats_train", bad, image_root, tmp_path / "out")
+    _assert_failed_before_model(p, log)
+    assert f"annotation id {ann['id']} has category_id 9" in p.stderr, p.stderr[-3000:]
+    assert "not in 'categories' (ids 1, 2, 3)" in p.stderr
+
+
+def test_bad_boxes_give_one_warning_before_the_model_and_training_goes_on(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    anns = data["annotations"]
+    anns[0]["bbox"][2] = 0  # width 0
+    anns[1]["bbox"][3] = -4  # negative height
+    anns[2]["bbox"][:2] = [70, 10]  # entirely right of the 64-pixel image
+    anns[3]["bbox"][0] = -9.5  # partly left of it
+    anns[4]["bbox"][0] = -0.5  # within the tolerance: not reported
+    bad = str(tmp_path / "boxes.json")
+    _write(bad, data)
+    p, log = _train_net("boxes_train", bad, image_root, tmp_path / "out")
+    assert p.returncode == 0, log[-3000:]
+    warnings = [line for line in log.splitlines() if "lie outside their image" in line]
+    assert len(warnings) == 1, warnings
+    w = warnings[0]
+    assert "WARNING" in w and "Dataset 'boxes_train'" in w
+    assert f"4 of {len(anns)} boxes have width or height <= 0 or lie outside their image" in w, w
+    assert f"1 with width or height 0 (annotation ids {anns[0]['id']})" in w
+    assert f"1 with a negative width or height (annotation ids {anns[1]['id']})" in w
+    assert f"1 entirely outside their image (annotation ids {anns[2]['id']})" in w
+    assert f"outside their image (annotation ids {anns[3]['id']})" in w
+    assert log.index(w) < log.index("Built backbone")
+
+
+# ------------------------------------------------------------------------------------------ in process
+def test_skip_image_check_flag_skips_only_the_disk_part(shapes, tmp_path):
+    from d2_backbones.train import argument_parser, setup
+
+    json_file, image_root, data = shapes
+    os.remove(os.path.join(image_root, data["images"][0]["file_name"]))
+    base = ["--config-file", QUICK, "--register-coco", "skip_img_train", json_file, image_root]
+    opts = ["DATASETS.TRAIN", "('skip_img_train',)", "DATASETS.TEST", "()"]
+    with pytest.raises(ConfigError, match="1 of 8 image files are missing"):
+        setup(argument_parser().parse_args(base + opts + ["OUTPUT_DIR", str(tmp_path / "a")]))
+    args = argument_parser().parse_args(base + ["--skip-image-check"] + opts + ["OUTPUT_DIR", str(tmp_path / "b")])
+    assert setup(args).DATASETS.TRAIN == ("skip_img_train",)
+    # the other checks still run with the flag
+    data["annotations"][0]["category_id"] = 7
+    _write(json_file, data)
+    with pytest.raises(ConfigError, match=r"annotation id \d+ has category_id 7"):
+        setup(argument_parser().parse_args(
+            ["--config-file", QUICK, "--register-coco", "skip_img_train2", json_file, image_root,
+             "--skip-image-check", "DATASETS.TRAIN", "('skip_img_train2',)", "DATASETS.TEST", "()",
+             "OUTPUT_DIR", str(tmp_path / "c")]))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_clean_dataset_passes_without_warnings(tmp_path):
+    from d2_backbones.data import check_coco_dataset
+
+    root = make_shapes(str(tmp_path / "clean"), n_train=20, n_val=1, size=64, seed=5)
+    # detectron2's setup_logger (run by other tests) stops propagation to the root logger: listen on ours
+    log, rec = logging.getLogger("d2_backbones"), _Records()
+    level = log.level
+    log.addHandler(rec)
+    log.setLevel(logging.INFO)
+    try:
+        classes = check_coco_dataset("clean", os.path.join(root, "annotations", "train.json"),
+                                     os.path.join(root, "train"))
+    finally:
+        log.removeHandler(rec)
+        log.setLevel(level)
+    assert classes == ["circle", "square", "triangle"]
+    assert not [r.getMessage() for r in rec.records if r.levelno >= logging.WARNING]
+    assert any("20 images" in r.getMessage() and "(image files checked)" in r.getMessage() for r in rec.records)
+
+
+def test_detectron2_treats_flagged_boxes_as_the_warning_says(shapes, tmp_path):
+    """Pins what the warning tells the user: detectron2's training mapper drops boxes of width 0 and boxes
+    entirely outside, mirrors negative sizes, clips boxes partly outside."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from d2_backbones.data import register_coco_datasets
+
+    json_file, image_root, data = shapes
+    im = data["images"][0]
+    data["annotations"] = [dict(id=i + 1, image_id=im["id"], category_id=1, iscrowd=0, area=100.0, bbox=b)
+                           for i, b in enumerate([[10, 10, 20, 20], [10, 10, 0, 20], [10, 10, -5, 20],
+                                                  [70, 10, 5, 5], [-9, 30, 20, 10]])]
+    _write(json_file, data)
+    register_coco_datasets([("mapper_probe", json_file, image_root)])
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.RANDOM_FLIP = (64,), 64, "none"
+    d = next(r for r in DatasetCatalog.get("mapper_probe") if r["image_id"] == im["id"])
+    boxes = DatasetMapper(cfg, is_train=True)(d)["instances"].gt_boxes.tensor.numpy()
+    np.testing.assert_allclose(boxes, [[10, 10, 30, 30], [5, 10, 10, 30], [0, 30, 11, 40]])
+
+
+def test_data_does_not_import_the_trainer():
+    code = ("import sys, d2_backbones.data, d2_backbones.shapes; "
+            "print(sorted(m for m in sys.modules if m.startswith('d2_backbones.')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    loaded = p.stdout.strip().splitlines()[-1]
+    assert "'d2_backbones.data'" in loaded and "'d2_backbones.train'" not in loaded, loaded
+    from d2_backbones import data, shapes
+    assert shapes.make_shapes is data.make_shapes and shapes.register_shapes is data.register_shapes
