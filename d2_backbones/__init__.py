@@ -74,6 +74,7 @@ __all__ = [
     "__version__",
     "add_config",
     "get_cfg",
+    "get_config_file",
     "ConfigError",
     "REGISTERED_NAMES",
     "FAMILIES",

@@ -24,7 +24,7 @@ import difflib
 from typing import Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values", "check_out_features",
-           "check_freeze_at", "arg_key", "argument_keys"]
+           "check_freeze_at", "check_bools", "arg_key", "argument_keys"]
 
 
 _ARG_KEYS: contextvars.ContextVar = contextvars.ContextVar("d2_backbones_arg_keys", default={})
@@ -109,11 +109,22 @@ def config_error(
     return ConfigError(msg)
 
 
+def check_bools(**values) -> None:
+    """Each keyword argument must be a bool; the error names it through :func:`arg_key` (its config key
+    inside :func:`argument_keys`). yacs only type-checks merges, so ``cfg.X = "yes"`` in Python reaches us."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise config_error(arg_key(name), value, [True, False])
+
+
 def check_out_features(out_features, valid: Sequence[str], key: str, family: str, hint: str = "") -> List[str]:
     """Validate a backbone's ``out_features`` against the names it can produce; returns them as a list.
 
-    Errors: empty, a name the family does not produce (valid names listed), a name listed twice.
+    Errors: not a list, empty, a name the family does not produce (valid names listed), a name listed twice.
     """
+    if isinstance(out_features, str) or not isinstance(out_features, (list, tuple)):
+        raise config_error(key, out_features, problem="must be a list of feature names",
+                           fix=f"write it as a list, e.g. {list(valid[1:])}")
     out = list(out_features)
     valid = list(valid)
     if not out:

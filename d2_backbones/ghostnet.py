@@ -74,7 +74,7 @@ from torch import nn
 
 from detectron2.modeling.backbone import Backbone
 
-from .errors import arg_key, check_freeze_at, check_out_features, config_error
+from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, NormEvalMixin, SqueezeExcite, freeze_module, \
     make_divisible
 
@@ -272,6 +272,7 @@ class GhostNet(NormEvalMixin, Backbone):
         key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
 
         width = _check_width(width, key("width"))
+        check_bools(norm_eval=norm_eval, with_cp=with_cp, final_conv=final_conv)
         if isinstance(norm, str) and norm == "":
             raise config_error(key("norm"), norm, ["BN", "SyncBN", "FrozenBN", "naiveSyncBN", "LN"],
                                problem="(no normalisation) is not supported by GhostNet: every conv of the "

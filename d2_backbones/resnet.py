@@ -58,7 +58,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
 from detectron2.modeling.backbone.resnet import BasicStem
 
-from .errors import arg_key, check_freeze_at, check_out_features, config_error
+from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite, split_offset_mask
 from .layers import deform_conv2d_fp32, reduced_precision
 
@@ -411,6 +411,8 @@ def build_resnet(
     key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
     if depth not in RESNET_DEPTHS:
         raise config_error(key("depth"), depth, list(RESNET_DEPTHS))
+    check_bools(deep_stem=deep_stem, avg_down=avg_down, stride_in_1x1=stride_in_1x1, norm_eval=norm_eval,
+                with_cp=with_cp, zero_init_residual=zero_init_residual, deform_modulated=deform_modulated)
     kind, blocks_per_stage = RESNET_DEPTHS[depth]
     out_features = check_out_features(out_features, RESNET_FEATURES, key("out_features"), "ResNet")
     strides = _check_per_stage(key("strides"), strides, lambda v: isinstance(v, int) and v >= 1, "positive ints")

@@ -82,7 +82,7 @@ from torch import nn
 from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone import Backbone
 
-from .errors import arg_key, check_freeze_at, check_out_features, config_error
+from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import (CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, checkpoint_keep_bn_stats,
                      split_offset_mask)
 from .layers import deform_conv2d_fp32, reduced_precision
@@ -429,6 +429,7 @@ class VoVNet(NormEvalMixin, Backbone):
         key = arg_key  # errors name the argument, or its config key inside errors.argument_keys
 
         self.spec_name, spec = resolve_vovnet_spec(spec, key("spec"))
+        check_bools(norm_eval=norm_eval, with_cp=with_cp, with_modulated_dcn=with_modulated_dcn)
         if ese_placement not in (None, ""):
             if ese_placement not in ESE_PLACEMENTS:
                 raise config_error(key("ese_placement"), ese_placement, ("",) + ESE_PLACEMENTS, nearest=True,

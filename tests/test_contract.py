@@ -169,13 +169,19 @@ def check_every_parameter_learns(family, kwargs):
     assert not no_grad, no_grad[:5]
 
 
+def scriptable(family, kwargs) -> bool:
+    """VoVNet's deformable unit looks its children up by checkpoint name at run time: traced, not scripted
+    (docs/export.md's coverage table)."""
+    return not (family.name == "vovnet" and any(kwargs.get("stage_with_dcn", ())))
+
+
 def check_torchscript(family, kwargs):
     body = build(family, kwargs)
     model = build_fpn(body, list(body.stage_names), 32).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ref = model(x)
-        for method in ("tracing", "scripting"):
+        for method in ("tracing", "scripting") if scriptable(family, kwargs) else ("tracing",):
             out = export_torchscript(model, x, method)(x)
             assert list(out) == list(ref)
             for k in ref:

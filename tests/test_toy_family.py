@@ -9,7 +9,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_backbone
 
 import d2_backbones
-from d2_backbones import FAMILIES, REGISTERED_NAMES, Family, register_family
+from d2_backbones import Family
 from d2_backbones.errors import arg_key, check_freeze_at, check_out_features, config_error
 from d2_backbones.layers import NormEvalMixin, checkpoint_keep_bn_stats, freeze_module
 
@@ -86,13 +86,17 @@ TOY = Family(
 
 
 # ---------------------------------------------------------------------------------------------- tests
+def _registered_names():
+    return d2_backbones.build.REGISTERED_NAMES  # looked up when used: another test may reload the module
+
+
 @pytest.fixture(scope="module", autouse=True)
 def toy_registered():
-    register_family(TOY)
+    d2_backbones.register_family(TOY)
     yield
-    FAMILIES.pop("toy")
+    d2_backbones.FAMILIES.pop("toy")
     for name in TOY.builder_names:
-        REGISTERED_NAMES.remove(name)
+        _registered_names().remove(name)
         BACKBONE_REGISTRY._obj_map.pop(name)
     d2_backbones.config._template.cache_clear()
 
@@ -118,7 +122,7 @@ def test_toy_output_shapes(size):
 
 def test_toy_config_builders_fpn_and_errors_name_its_keys():
     cfg = d2_backbones.get_cfg()
-    assert cfg.MODEL.TOY.WIDTH == 8 and "build_d2b_toy_fpn_backbone" in REGISTERED_NAMES
+    assert cfg.MODEL.TOY.WIDTH == 8 and "build_d2b_toy_fpn_backbone" in _registered_names()
     cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_d2b_toy_fpn_backbone", "MODEL.FPN.IN_FEATURES", ["t2", "t3", "t4"],
                          "MODEL.FPN.OUT_CHANNELS", 16])
     fpn = build_backbone(cfg)
