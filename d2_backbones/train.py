@@ -231,11 +231,31 @@ class Trainer(DefaultTrainer):
                                               mode=cfg.TEST.BEST_CHECKPOINT_MODE))
         return ret
 
+    def _keep_configured_lr(self, configured) -> None:
+        """A resumed optimizer/scheduler restores the learning rates of the run that wrote the checkpoint;
+        a SOLVER.BASE_LR changed since (e.g. after a divergence) is applied to the rest of the schedule."""
+        groups = self.optimizer.param_groups
+        restored = [g.get("initial_lr", g["lr"]) for g in groups]
+        if len(configured) != len(groups) or all(abs(a - b) <= 1e-12 * max(abs(a), 1.0)
+                                                 for a, b in zip(configured, restored)):
+            return
+        base_lrs = getattr(self.scheduler, "base_lrs", None)
+        for i, (g, new, old) in enumerate(zip(groups, configured, restored)):
+            g["initial_lr"] = new
+            g["lr"] = g["lr"] * (new / old) if old else new
+            if base_lrs is not None and i < len(base_lrs):
+                base_lrs[i] = new
+        logger.info(f"--resume: SOLVER.BASE_LR is {self.cfg.SOLVER.BASE_LR} now; the checkpoint's run used other "
+                    f"learning rates ({restored[0]:g} for the first parameter group). The rest of the schedule uses "
+                    f"the configured ones.")
+
     def resume_or_load(self, resume=True):
         cp = self.checkpointer
         if resume and cp.has_checkpoint():
             path = cp.get_checkpoint_file()
+            configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
             super().resume_or_load(resume=True)
+            self._keep_configured_lr(configured)
             logger.info(f"--resume: found {os.path.join(cp.save_dir, 'last_checkpoint')} -> {os.path.basename(path)}; "
                         f"resuming at iter {self.start_iter} (MODEL.WEIGHTS is ignored when resuming).")
             final = os.path.join(cp.save_dir, "model_final.pth")

@@ -87,10 +87,10 @@ class Checkpointer(DetectionCheckpointer):
         >>> cp.save("model_0000009")
         >>> with torch.no_grad():
         ...     _ = model.weight.fill_(float("nan"))
-        >>> cp.save("model_0000019")
+        >>> cp.save("model_0000019")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
           ...
-        d2_backbones.weights.checkpointer.NonFiniteCheckpointError: The model has 1 tensor(s) with NaN/Inf values (weight); model_0000019.pth was not written. The last complete checkpoint is model_0000009.pth (last_checkpoint names it).
+        d2_backbones.weights.checkpointer.NonFiniteCheckpointError: The model has 1 tensor(s) with NaN/Inf values (weight); model_0000019.pth was not written. The last complete checkpoint is ...model_0000009.pth (last_checkpoint names it).
     """
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, cfg=None,
@@ -116,8 +116,8 @@ class Checkpointer(DetectionCheckpointer):
             raise NonFiniteCheckpointError(
                 f"The model has {len(bad)} tensor(s) with NaN/Inf values ({listing(bad, 3)}); {name}.pth was not "
                 f"written. The last complete checkpoint is "
-                + (f"{last} (last_checkpoint names it)." if last else "none: no checkpoint was completed in "
-                   f"{self.save_dir}."))
+                + (f"{os.path.join(self.save_dir, last)} (last_checkpoint names it)." if last else
+                   f"none: no checkpoint was completed in {self.save_dir}."))
         self.path_manager.last_enospc = None
         try:
             super().save(name, **kwargs)

@@ -32,7 +32,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .formats import METADATA_KEY, PREFIX, PREPROCESSING_KEYS, listing
+from .formats import EFFECTIVE_CONFIG_VALUE, METADATA_KEY, PREFIX, PREPROCESSING_KEYS, listing
 from .read import CheckpointReadError, load_file
 
 __all__ = ["WeightsMismatchError", "check_weights_metadata", "check_missing_backbone", "check_shape_skips",
@@ -151,6 +151,11 @@ def check_weights_metadata(cfg, checkpoint: Any, log: Optional[logging.Logger] =
         log.warning(msg + " (MODEL.WEIGHTS_CHECK warn: loading anyway)")
     for key, want in meta["config"].items():
         have = _cfg_value(cfg, key)
+        if have is not KeyError and key in EFFECTIVE_CONFIG_VALUE:
+            try:
+                have = EFFECTIVE_CONFIG_VALUE[key](cfg, have)
+            except (AttributeError, KeyError):
+                pass
         if have is KeyError or _same(have, want):
             continue
         if key in PREPROCESSING_KEYS:

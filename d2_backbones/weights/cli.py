@@ -26,6 +26,7 @@ Example::
 """
 import argparse
 import os
+import shlex
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -122,5 +123,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"({listing(report['shape_mismatch'], 5)}); {len(report['missing'])} model parameters stay "
               f"initialised ({listing(report['missing'])})")
     print(f"config for these weights written to {yaml_dst} (merge it, or use it as _BASE_); as overrides:")
-    print(f"  MODEL.WEIGHTS {args.dst} {overrides_string(meta['config'])}")
+    print(f"  MODEL.WEIGHTS {shlex.quote(args.dst)} {overrides_string(meta['config'])}")
     return 0

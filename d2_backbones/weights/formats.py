@@ -63,6 +63,19 @@ _BGR_CAFFE = {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.67
 _DROP_ALWAYS = re.compile(r"^(module\.)?(fc|head\.fc|classifier|conv_head)\.|(^|\.)(total_ops|total_params)$")
 
 
+def _vovnet_ese_placement(cfg, value):
+    """``MODEL.VOVNET.ESE_PLACEMENT: ""`` means the CONV_BODY's own placement."""
+    if value:
+        return value
+    spec = VOVNET_SPECS.get(cfg.MODEL.VOVNET.CONV_BODY)
+    return spec.ese if spec is not None else value
+
+
+# Config keys whose value in a config can mean something else than it says; the load-time check
+# compares the effective value: key -> fn(cfg, value).
+EFFECTIVE_CONFIG_VALUE: Dict[str, Callable[[Any, Any], Any]] = {"MODEL.VOVNET.ESE_PLACEMENT": _vovnet_ese_placement}
+
+
 class ConvertError(CheckpointReadError):
     """A checkpoint that cannot be converted (unreadable, unsafe, unknown format, wrong architecture)."""
 

@@ -24,6 +24,7 @@ Example::
     >>> load_file(path)["blobs"]["conv1_w"].shape
     (4, 3, 7, 7)
 """
+import codecs
 import io
 import os
 import pickle
@@ -50,17 +51,28 @@ def _numpy_multiarray(name: str):
     return getattr(core.multiarray, name)
 
 
-# (module, name) -> object. numpy arrays pickle as _reconstruct(ndarray, shape, dtype) + __setstate__;
+def _numpy_numeric(name: str):
+    core = getattr(np, "_core", None) or np.core
+    return getattr(core.numeric, name)
+
+
+# (module, name) -> object. numpy arrays pickle as _reconstruct(ndarray, shape, dtype) + __setstate__
+# (protocol <= 4) or _frombuffer(buffer, dtype, shape, order) (protocol 5, Python 3.14's default);
 # numpy scalars as scalar(dtype, bytes); Python 3 pickles of bytes at protocol 2 use _codecs.encode.
+_NUMPY_CORE = ("numpy.core", "numpy._core")
 ALLOWED_GLOBALS = {
-    **{(mod, "_reconstruct"): _numpy_multiarray("_reconstruct")
-       for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(mod, "scalar"): _numpy_multiarray("scalar") for mod in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(f"{core}.multiarray", "_reconstruct"): _numpy_multiarray("_reconstruct") for core in _NUMPY_CORE},
+    **{(f"{core}.multiarray", "scalar"): _numpy_multiarray("scalar") for core in _NUMPY_CORE},
+    **{(f"{core}.numeric", "_frombuffer"): _numpy_numeric("_frombuffer") for core in _NUMPY_CORE},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("collections", "OrderedDict"): OrderedDict,
-    ("_codecs", "encode"): __import__("codecs").encode,
+    ("_codecs", "encode"): codecs.encode,
 }
+# What torch's weights_only unpickler may additionally resolve: numpy arrays inside a .pth.
+_TORCH_SAFE_NUMPY = [_numpy_multiarray("_reconstruct"), _numpy_multiarray("scalar"), np.ndarray, np.dtype] + sorted(
+    {type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                                 np.uint8, np.bool_)}, key=lambda c: c.__name__)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -88,13 +100,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
+    """The informative line of an error: torch's weights_only refusal names the global on a line of its own."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line.split(":")[0]]
+    return (named or lines or [type(e).__name__])[0 if named else -1]
 
 
 def _torch_load(path: str) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_TORCH_SAFE_NUMPY):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused - its pickle wants to import or call something other than tensors, numpy arrays and "
