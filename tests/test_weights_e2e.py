@@ -303,6 +303,7 @@ def test_payloads_run_code_when_read_unsafely(tmp_path, payload):
         assert os.path.exists(evil.marker), (payload, suffix)
 
 
+@pytest.mark.slow
 def test_command_lines_refuse_code_running_files(data_root, tmp_path):
     """train_net (training, --eval-only), export and the converter stop on code-running files before they run."""
     evil = {"train": evil_file(str(tmp_path / "train"), "os.system"),
@@ -404,6 +405,7 @@ def fine_tune_at_lr_1e6(out, checkpoint_period, data_root):
     return error
 
 
+@pytest.mark.slow
 def test_divergence_tags_no_non_finite_checkpoint_and_resume_finishes(trained, data_root, tmp_path):
     """A far too high SOLVER.BASE_LR: nothing non-finite is written, the error names the checkpoint and the fix."""
     out = copy_of(trained, tmp_path)
@@ -419,6 +421,7 @@ def test_divergence_tags_no_non_finite_checkpoint_and_resume_finishes(trained, d
     assert read(final)["iteration"] == 2 and non_finite(final) == []
 
 
+@pytest.mark.slow
 def test_divergence_caught_by_the_loss_check_names_the_last_checkpoint(trained, data_root, tmp_path):
     """Divergence caught by detectron2's own NaN check (no save in between): the error names checkpoint and fix."""
     out = copy_of(trained, tmp_path)
@@ -428,6 +431,7 @@ def test_divergence_caught_by_the_loss_check_names_the_last_checkpoint(trained, 
     assert all(non_finite(os.path.join(out, name)) == [] for name in checkpoints(out))
 
 
+@pytest.mark.slow
 def test_lowered_base_lr_takes_effect_on_resume(trained, data_root, tmp_path):
     """A user following the divergence advice (lower SOLVER.BASE_LR, then --resume) trains at the lower LR."""
     out = copy_of(trained, tmp_path)  # trained at the quickstart's SOLVER.BASE_LR 0.02
@@ -439,6 +443,7 @@ def test_lowered_base_lr_takes_effect_on_resume(trained, data_root, tmp_path):
 
 
 # ============================================================================================== 3. killed while saving
+@pytest.mark.slow
 def test_killed_while_writing_model_final_then_resume_writes_it(data_root, tmp_path):
     """SIGKILL halfway through model_final.pth: no file under that name; --resume writes it, removes the temporary."""
     out = str(tmp_path / "run")
@@ -457,6 +462,7 @@ def test_killed_while_writing_model_final_then_resume_writes_it(data_root, tmp_p
     assert all(torch.equal(final["model"][k], periodic["model"][k]) for k in final["model"])
 
 
+@pytest.mark.slow
 def test_external_sigkill_during_a_save_leaves_complete_files_and_resume_cleans_up(data_root, tmp_path):
     """SIGKILL from outside while a checkpoint is written: final names hold complete files; --resume cleans up."""
     out = str(tmp_path / "run")
@@ -494,6 +500,7 @@ def test_external_sigkill_during_a_save_leaves_complete_files_and_resume_cleans_
 
 
 # ============================================================================================== 4./5. output files
+@pytest.mark.slow
 def test_checkpoints_get_the_umask_permissions_of_other_outputs(trained):
     """A run under umask 022 writes its checkpoints and last_checkpoint 0644, like config.yaml and metrics.json."""
     assert checkpoints(trained) == ["model_0000000.pth", "model_0000001.pth", "model_final.pth"]
@@ -502,6 +509,7 @@ def test_checkpoints_get_the_umask_permissions_of_other_outputs(trained):
     assert modes == {n: oct(0o644) for n in names}
 
 
+@pytest.mark.slow
 def test_max_to_keep_holds_across_resumes(trained, data_root, tmp_path):
     """SOLVER.MAX_TO_KEEP 2 keeps two periodic checkpoints in the directory, also after --resume."""
     out = copy_of(trained, tmp_path)  # its run kept model_0000000.pth and model_0000001.pth
@@ -534,6 +542,7 @@ def small_disk(tmp_path):
                 subprocess.run(["umount", "-l", str(d)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("room", [0, 1], ids=["no_checkpoint_fits", "one_checkpoint_fits"])
 def test_full_disk_names_the_file_its_size_and_the_last_complete_checkpoint(data_root, small_disk, room):
     """OUTPUT_DIR on a nearly full disk: a free-space warning at start, then a one-line ENOSPC error, no half file."""
@@ -614,6 +623,7 @@ def test_converter_yaml_and_printed_overrides_are_usable_as_is(converted, family
     assert_loads_cleanly(cfg, c.pth)
 
 
+@pytest.mark.slow
 def test_printed_overrides_pasted_on_train_net_train_from_the_weights(converted, data_root, tmp_path):
     """python -m d2_backbones.convert, its printed line pasted on a train_net command line: all loaded, no WARNING."""
     dst = str(tmp_path / "r18.pth")
