@@ -25,6 +25,7 @@ def test_yaml_is_versioned_and_self_contained(path):
         assert target.startswith(CONFIG_DIR) and os.path.isfile(target), base
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", LEAVES, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_builds_and_runs_inference_on_cpu(path):
     cfg, model, out = build_and_infer(path, size=(96, 128), opts=["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128])

@@ -42,8 +42,10 @@ VARIANTS = {
         "GhostNet-1.3-no-final-conv": dict(width=1.3, final_conv=False),
     },
 }
-CASES = [(fam, vid) for fam in VARIANTS for vid in VARIANTS[fam]]
-IDS = [vid for _, vid in CASES]
+# the heavier variants run in the slow tier; the development loop keeps one or two light ones per family
+HEAVY = {"R-50-V1d-caffe", "R-50-DCNv2-GC-SE", "GhostNet-1.3-no-final-conv"}
+CASES = [pytest.param((fam, vid), id=vid, marks=[pytest.mark.slow] if vid in HEAVY else [])
+         for fam in VARIANTS for vid in VARIANTS[fam]]
 
 
 def test_every_family_has_contract_variants():
@@ -224,7 +226,7 @@ def check_yacs_round_trip(family, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- the tests
-@pytest.fixture(params=CASES, ids=IDS)
+@pytest.fixture(params=CASES)
 def case(request):
     fam, vid = request.param
     return FAMILIES[fam], copy.deepcopy(VARIANTS[fam][vid])

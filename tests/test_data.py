@@ -99,6 +99,7 @@ def test_unknown_category_id_names_the_annotation_and_the_id(shapes, tmp_path):
     assert "not in 'categories' (ids 1, 2, 3)" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_boxes_give_one_warning_before_the_model_and_training_goes_on(shapes, tmp_path):
     json_file, image_root, data = shapes
     anns = data["annotations"]

@@ -49,7 +49,7 @@ def _checkout_like(tmp_path):
 
 
 @pytest.mark.parametrize("path,line,lang,ann,code", [
-    pytest.param(*b, marks=[pytest.mark.slow] if b[3] == "run: slow" else [], id=f"{b[0]}:{b[1]}") for b in RUN])
+    pytest.param(*b, marks=[pytest.mark.slow], id=f"{b[0]}:{b[1]}") for b in RUN])  # fresh processes: slow tier
 def test_block_runs(tmp_path, path, line, lang, ann, code):
     env = dict(os.environ, PYTHONPATH=REPO, D2B_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="2")
     if lang == "python":

@@ -79,6 +79,7 @@ def _assert_same(eager, got, tol=None):
         assert max(diffs.values()) <= ONNX_REL_TOL, diffs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tracing", "scripting"])
 @pytest.mark.parametrize("name", ["R-18", "V-19-slim-dw-eSE", "GhostNet-1.0"])
 def test_torchscript_matches_eager(name, method, tmp_path):

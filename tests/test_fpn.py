@@ -115,6 +115,7 @@ def test_dilated_backbone_strides_error_names_features():
             build_fpn(bb, C2_C5, 32)
 
 
+@pytest.mark.slow
 def test_scripting_and_tracing_match_eager():
     import detectron2.export.torchscript  # noqa: F401  (detectron2's scripting patches)
     fpn = build_fpn(build_resnet(50, norm="BN", deep_stem=True, avg_down=True,

@@ -317,6 +317,7 @@ def test_all_variants_have_configs():
     assert names == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", GHOSTNET_YAMLS, ids=[os.path.basename(p) for p in GHOSTNET_YAMLS])
 def test_yaml_builds_and_runs_inference(path):
     cfg, model, output = build_and_infer(path)

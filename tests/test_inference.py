@@ -127,6 +127,7 @@ def _assert_same_instances(a, b):
     ("ResNet/faster_rcnn_R_18_FPN_1x.yaml", []),
     ("VoVNet/retinanet_V_19_slim_dw_eSE_FPNLite_3x.yaml", []),
 ])
+@pytest.mark.slow
 def test_whole_detectron2_models(rel, opts):
     cfg = load_cfg(os.path.join(CONFIG_DIR, rel), opts + ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
                                                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
@@ -145,6 +146,7 @@ def test_whole_detectron2_models(rel, opts):
     assert left == []
 
 
+@pytest.mark.slow
 def test_optimized_predictor_matches_default_predictor(tmp_path):
     cfg = load_cfg(os.path.join(CONFIG_DIR, "ResNet", "faster_rcnn_R_18_FPN_1x.yaml"),
                    ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 160])

@@ -81,6 +81,7 @@ def _hide_detectron2(tmp_path):
     return str(tmp_path / "shadow")
 
 
+@pytest.mark.slow
 def test_setup_script_keeps_a_working_installation(tmp_path):
     p = subprocess.run(["bash", SETUP_SH, "--check"], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -90,6 +91,7 @@ def test_setup_script_keeps_a_working_installation(tmp_path):
     assert "would run" not in out
 
 
+@pytest.mark.slow
 def test_setup_script_fails_clearly_when_detectron2_cannot_be_installed(tmp_path):
     empty_source = tmp_path / "not_detectron2"
     empty_source.mkdir()

@@ -443,6 +443,7 @@ def test_vovnet_detectron2_style_yaml_builds_through_alias(tmp_path):
     assert build_backbone(cfg).bottom_up.spec_name == "V-19-slim-eSE"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", leaf_configs("VoVNet"), ids=os.path.basename)
 def test_yaml_builds_and_runs_inference(path):
     cfg, model, out = build_and_infer(path, size=(128, 160))
