@@ -137,18 +137,28 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def label_position(text_size: Tuple[int, int], box: Sequence[float], image_size: Tuple[int, int]) -> Tuple[int, int]:
+def label_position(text_size: Tuple[int, int], box: Sequence[float], image_size: Tuple[int, int],
+                   taken: Sequence[Sequence[float]] = ()) -> Tuple[int, int]:
     """Top-left corner for a label of ``text_size`` (w, h) naming ``box`` (x0, y0, x1, y1) in an image of
-    ``image_size`` (w, h): just above the box, or inside its top edge when there is no room above; moved left
-    and up/down as needed so that the whole label lies inside the image."""
+    ``image_size`` (w, h), so that the whole label lies inside the image: just above the box, or inside
+    its top edge when there is no room above, moved left/up as needed. ``taken``: rectangles (x0, y0, x1,
+    y1) of labels already placed; the label moves down by its height until it overlaps none of them
+    (the first place is used if none is free)."""
     tw, th = text_size
     W, H = image_size
-    x0, y0 = box[0], box[1]
-    x = int(round(x0))
-    y = int(round(y0)) - th if y0 - th >= 0 else int(round(y0)) + 1
-    x = max(0, min(x, W - tw))
-    y = max(0, min(y, H - th))
-    return x, y
+    bx, by = int(round(box[0])), int(round(box[1]))
+    x = max(0, min(bx, W - tw))
+    first = by - th if by - th >= 0 else by + 1
+    candidates = [first] + ([by + 1] if first != by + 1 else []) + [by + 1 + k * th for k in range(1, 6)]
+    placed = []
+    for y in candidates:
+        y = max(0, min(y, H - th))
+        if y in placed:
+            continue
+        placed.append(y)
+        if not any(x < r[2] + 1 and r[0] < x + tw and y < r[3] + 1 and r[1] < y + th for r in taken):
+            return x, y
+    return x, placed[0]
 
 
 def _dashed_rectangle(draw, box, color, width: int = 1, dash: int = 4, gap: int = 3) -> None:
@@ -167,12 +177,13 @@ def _dashed_rectangle(draw, box, color, width: int = 1, dash: int = 4, gap: int 
 
 def draw_instances(image, boxes, classes, scores, gt_boxes=(), class_names: Optional[Sequence[str]] = None,
                    scale: int = 2, font_size: int = 11, return_labels: bool = False):
-    """Draw predicted ``boxes`` (x0, y0, x1, y1; solid, class colour, label ``class score``) and ``gt_boxes``
-    (thin dashed white, drawn over the predictions so they show on a matching one; labels on top) on a copy of the PIL
-    ``image`` scaled up ``scale`` times.
+    """Draw predicted ``boxes`` (x0, y0, x1, y1; solid, class colour, label ``class score``) and
+    ``gt_boxes`` (thin dashed white, drawn over the predictions so that they show on a matching one) on a
+    copy of the PIL ``image`` scaled up ``scale`` times. Labels come last, inside the image, placed by
+    :func:`label_position` in order of score so that they do not hide each other.
 
     Returns the new image, or ``(image, label_rects)`` with ``return_labels``: the (x0, y0, x1, y1) of
-    every label's background in the returned image.
+    every label's background in the returned image, highest score first.
     """
     from PIL import ImageDraw
 
@@ -188,16 +199,18 @@ def draw_instances(image, boxes, classes, scores, gt_boxes=(), class_names: Opti
         draw.rectangle([v * scale for v in box], outline=color, width=2)
     for box in gt_boxes:  # over the predictions, under the labels
         _dashed_rectangle(draw, [float(v) * scale for v in box], _GT_COLOR, width=1)
-    for box, cls, score in items:
-        color = _COLORS[cls % len(_COLORS)]
+    labels = []
+    for box, cls, score in reversed(items):  # the highest score gets the first choice of place
         name = class_names[cls] if class_names and 0 <= cls < len(class_names) else str(cls)
         text = f"{name} {score:.2f}"
         l, t, r, b = draw.textbbox((0, 0), text, font=font)
         tw, th = r - l + 2, b - t + 2
-        x, y = label_position((tw, th), [v * scale for v in box], (W, H))
-        draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=(0, 0, 0))
-        draw.text((x + 1 - l, y + 1 - t), text, fill=color, font=font)
+        x, y = label_position((tw, th), [v * scale for v in box], (W, H), taken=rects)
         rects.append((x, y, x + tw - 1, y + th - 1))
+        labels.append((rects[-1], text, (l, t), _COLORS[cls % len(_COLORS)]))
+    for (x, y, x1, y1), text, (l, t), color in reversed(labels):  # ... and is drawn last, on top
+        draw.rectangle([x, y, x1, y1], fill=(0, 0, 0))
+        draw.text((x + 1 - l, y + 1 - t), text, fill=color, font=font)
     return (image, rects) if return_labels else image
 
 

@@ -1,0 +1,553 @@
+"""Python-config (LazyConfig) pieces: detectron2's meta-architectures over the families' backbones.
+
+detectron2's Python configs describe a model as a tree of ``LazyCall`` nodes that
+:func:`detectron2.config.instantiate` turns into objects. The families take plain keyword
+arguments, so a backbone is written directly, e.g.
+``L(build_fpn)(bottom_up=L(VoVNet)(spec="V-39-eSE", ...), in_features=[...], top_block="maxpool")``;
+this module supplies the rest of a config file, built from detectron2's own classes
+(``GeneralizedRCNN``, ``CascadeROIHeads``, ``PanopticFPN``, ``RetinaNet``, ``FCOS`` and their
+heads; :class:`FCOS` only casts its predictions to float32 before the losses) with the values of the yaml configs in ``configs/``, so a Python config and the yaml of the
+same architecture build the same model (same parameter names, same outputs; tested):
+
+=============================  ==============================================================
+piece                          what it returns
+=============================  ==============================================================
+:func:`mask_rcnn_fpn`          ``L(GeneralizedRCNN)``: RPN on p2-p6, box + mask heads on p2-p5
+:func:`cascade_mask_rcnn_fpn`  the same with ``CascadeROIHeads`` (3 stages, IoU 0.5/0.6/0.7,
+                               class-agnostic box regression)
+:func:`panoptic_fpn`           ``L(PanopticFPN)``: Mask R-CNN + ``SemSegFPNHead`` on p2-p5
+:func:`retinanet`              ``L(RetinaNet)`` on p3-p7
+:func:`fcos`                   ``L(FCOS)`` on p3-p7 (P6/P7 from P5: ``top_block_source="on_output"``)
+:func:`coco_loaders`           ``dataloader.train`` / ``.test`` / ``.evaluator`` (COCO or any
+                               registered dataset; ``panoptic=True`` for Panoptic FPN)
+:func:`sgd`, :func:`multistep_lr`  ``optimizer``, ``lr_multiplier``
+:func:`train_settings`         ``train`` (output_dir, init_checkpoint, max_iter, amp, ...), the
+                               keys of detectron2's ``configs/common/train.py``
+=============================  ==============================================================
+
+A config file (``configs/<Family>/*.py``) is then::
+
+    from detectron2.config import LazyCall as L
+    from d2_backbones.fpn import build_fpn
+    from d2_backbones.lazy import coco_loaders, mask_rcnn_fpn, multistep_lr, sgd, train_settings
+    from d2_backbones.vovnet import VoVNet
+
+    model = mask_rcnn_fpn(L(build_fpn)(
+        bottom_up=L(VoVNet)(spec="V-39-eSE", norm="FrozenBN", freeze_at=0,
+                            out_features=["stage2", "stage3", "stage4", "stage5"]),
+        in_features=["stage2", "stage3", "stage4", "stage5"], out_channels=256, top_block="maxpool"))
+    dataloader = coco_loaders()
+    optimizer = sgd(lr=0.02)
+    lr_multiplier = multistep_lr(max_iter=270000, steps=(210000, 250000))
+    train = train_settings(max_iter=270000)
+
+Every head reads the FPN width through an interpolation (``"${...backbone.out_channels}"``),
+so ``model.backbone.out_channels=128`` gives an FPNLite model. The pieces assume the standard
+feature names of :func:`~d2_backbones.fpn.build_fpn` (``p<log2 stride>``); the anchor strides and
+pooler scales they set are checked against the backbone by :func:`check_model_features`, which
+:func:`instantiate_model` (used by ``python -m d2_backbones.lazy_train``) runs before the heads are
+built. Nothing here imports ``detectron2.model_zoo`` or needs detectron2's ``configs/`` folder.
+"""
+import copy
+import logging
+import math
+from typing import Dict, List, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+import torch
+
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.data import (DatasetMapper, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN, RetinaNet
+from detectron2.modeling.meta_arch.fcos import FCOS as _D2FCOS
+from detectron2.modeling.meta_arch.fcos import FCOSHead
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
+from detectron2.modeling.roi_heads import (CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers,
+                                           MaskRCNNConvUpsampleHead, StandardROIHeads)
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from .errors import ConfigError, argument_keys, config_error
+from .fpn import describe_features
+
+__all__ = [
+    "BGR_MEAN", "BGR_STD", "RGB_MEAN", "RGB_STD", "RETINANET_ANCHOR_SIZES", "FCOS",
+    "mask_rcnn_fpn", "cascade_mask_rcnn_fpn", "panoptic_fpn", "retinanet", "fcos",
+    "coco_loaders", "sgd", "multistep_lr", "train_settings",
+    "instantiate_model", "check_model_features", "class_count_keys",
+]
+
+logger = logging.getLogger("d2_backbones")
+
+# Input normalisation (0-255 inputs): detectron2's defaults for MSRA/caffe weights (BGR, std 1),
+# and the ImageNet mean/std of torchvision/timm weights (RGB).
+BGR_MEAN = [103.53, 116.28, 123.675]
+BGR_STD = [1.0, 1.0, 1.0]
+RGB_MEAN = [123.675, 116.28, 103.53]
+RGB_STD = [58.395, 57.12, 57.375]
+
+# RetinaNet anchors: 3 scales per octave, x * 2**(k/3), rounded to 4 decimals as in
+# configs/Base-RetinaNet.yaml, so the yaml and the Python configs build identical anchors.
+RETINANET_ANCHOR_SIZES = [[round(x * 2 ** (k / 3), 4) for k in range(3)] for x in (32, 64, 128, 256, 512)]
+
+_RCNN_LEVELS = ("p2", "p3", "p4", "p5")  # ROI heads (and the semantic head of Panoptic FPN)
+_RPN_LEVELS = _RCNN_LEVELS + ("p6",)
+_DENSE_LEVELS = ("p3", "p4", "p5", "p6", "p7")  # RetinaNet, FCOS
+
+
+def _stride(level: str) -> int:
+    return 2 ** int(level[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+class FCOS(_D2FCOS):
+    """detectron2's :class:`~detectron2.modeling.meta_arch.fcos.FCOS` whose losses and box decoding
+    take float32 predictions.
+
+    Under autocast the head's outputs are float16/bfloat16; detectron2 decodes them into boxes of
+    that dtype and its GIoU loss (fvcore's ``giou_loss``) then writes float32 intersections into a
+    low-precision tensor and fails ("Index put requires the source and destination dtypes match").
+    Casting the predictions first is the usual mixed-precision rule (losses in float32); in float32
+    nothing changes. Same constructor, parameters and outputs as detectron2's class.
+    """
+
+    @staticmethod
+    def _float(predictions):
+        return [[p.float() for p in level] for level in predictions]
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        return super().forward_training(images, features, self._float(predictions), gt_instances)
+
+    def forward_inference(self, images, features, predictions):
+        return super().forward_inference(images, features, self._float(predictions))
+
+
+def _rpn(post_nms_topk_train: int = 1000):
+    # values of configs/Base-RCNN-FPN.yaml + detectron2's MODEL.RPN defaults
+    return L(RPN)(
+        in_features=list(_RPN_LEVELS),
+        head=L(StandardRPNHead)(in_channels="${...backbone.out_channels}", num_anchors=3, conv_dims=[-1]),
+        anchor_generator=L(DefaultAnchorGenerator)(
+            sizes=[[32], [64], [128], [256], [512]], aspect_ratios=[0.5, 1.0, 2.0],
+            strides=[_stride(f) for f in _RPN_LEVELS], offset=0.0),
+        anchor_matcher=L(Matcher)(thresholds=[0.3, 0.7], labels=[0, -1, 1], allow_low_quality_matches=True),
+        box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_topk=(2000, 1000),
+        post_nms_topk=(post_nms_topk_train, 1000),
+        nms_thresh=0.7,
+        smooth_l1_beta=0.0,
+    )
+
+
+def _pooler(resolution: int):
+    return L(ROIPooler)(output_size=resolution, scales=[1.0 / _stride(f) for f in _RCNN_LEVELS], sampling_ratio=0,
+                        pooler_type="ROIAlignV2")
+
+
+def _box_head():
+    return L(FastRCNNConvFCHead)(
+        input_shape=L(ShapeSpec)(channels="${....backbone.out_channels}", height=7, width=7),
+        conv_dims=[], fc_dims=[1024, 1024])
+
+
+def _mask_head():
+    return L(MaskRCNNConvUpsampleHead)(
+        input_shape=L(ShapeSpec)(channels="${....backbone.out_channels}", height=14, width=14),
+        num_classes="${..num_classes}", conv_dims=[256, 256, 256, 256, 256])
+
+
+def mask_rcnn_fpn(backbone, *, num_classes: int = 80, pixel_mean: Sequence[float] = BGR_MEAN,
+                  pixel_std: Sequence[float] = BGR_STD, input_format: str = "BGR"):
+    """``L(GeneralizedRCNN)``: Mask R-CNN on an FPN with outputs p2-p6 (C2-C5 inputs, max-pool P6).
+
+    The values are those of ``configs/Base-RCNN-FPN.yaml`` with ``MASK_ON: True`` (detectron2's
+    defaults elsewhere). ``del model.roi_heads.mask_in_features, model.roi_heads.mask_pooler,
+    model.roi_heads.mask_head`` turns it into Faster R-CNN.
+    """
+    return L(GeneralizedRCNN)(
+        backbone=backbone,
+        proposal_generator=_rpn(),
+        roi_heads=L(StandardROIHeads)(
+            num_classes=num_classes,
+            batch_size_per_image=512,
+            positive_fraction=0.25,
+            proposal_matcher=L(Matcher)(thresholds=[0.5], labels=[0, 1], allow_low_quality_matches=False),
+            box_in_features=list(_RCNN_LEVELS),
+            box_pooler=_pooler(7),
+            box_head=_box_head(),
+            box_predictor=L(FastRCNNOutputLayers)(
+                input_shape=L(ShapeSpec)(channels=1024),
+                box2box_transform=L(Box2BoxTransform)(weights=(10.0, 10.0, 5.0, 5.0)),
+                num_classes="${..num_classes}",
+                test_score_thresh=0.05,
+                test_nms_thresh=0.5,
+                test_topk_per_image=100,
+            ),
+            mask_in_features=list(_RCNN_LEVELS),
+            mask_pooler=_pooler(14),
+            mask_head=_mask_head(),
+        ),
+        pixel_mean=list(pixel_mean),
+        pixel_std=list(pixel_std),
+        input_format=input_format,
+    )
+
+
+def cascade_mask_rcnn_fpn(backbone, *, num_classes: int = 80, pixel_mean: Sequence[float] = BGR_MEAN,
+                          pixel_std: Sequence[float] = BGR_STD, input_format: str = "BGR"):
+    """``L(GeneralizedRCNN)`` with ``CascadeROIHeads``: three box stages (IoU 0.5, 0.6, 0.7; box
+    regression weights (10,10,5,5), (20,20,10,10), (30,30,15,15)), class-agnostic box regression,
+    2000 RPN proposals per image in training, one mask head: detectron2's
+    ``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``."""
+    model = mask_rcnn_fpn(backbone, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                          input_format=input_format)
+    model.proposal_generator.post_nms_topk = (2000, 1000)
+    heads = model.roi_heads
+    for k in ("box_head", "box_predictor", "proposal_matcher"):
+        del heads[k]
+    heads._target_ = CascadeROIHeads
+    stages = [(0.5, (10.0, 10.0, 5.0, 5.0)), (0.6, (20.0, 20.0, 10.0, 10.0)), (0.7, (30.0, 30.0, 15.0, 15.0))]
+    heads.box_heads = [L(FastRCNNConvFCHead)(
+        input_shape=L(ShapeSpec)(channels="${.....backbone.out_channels}", height=7, width=7),
+        conv_dims=[], fc_dims=[1024, 1024]) for _ in stages]
+    heads.box_predictors = [L(FastRCNNOutputLayers)(
+        input_shape=L(ShapeSpec)(channels=1024),
+        box2box_transform=L(Box2BoxTransform)(weights=w),
+        num_classes="${...num_classes}",
+        cls_agnostic_bbox_reg=True,
+        test_score_thresh=0.05,
+        test_nms_thresh=0.5,
+        test_topk_per_image=100,
+    ) for _, w in stages]
+    heads.proposal_matchers = [L(Matcher)(thresholds=[iou], labels=[0, 1], allow_low_quality_matches=False)
+                               for iou, _ in stages]
+    return model
+
+
+def panoptic_fpn(backbone, *, num_classes: int = 80, sem_seg_classes: int = 54, pixel_mean: Sequence[float] = BGR_MEAN,
+                 pixel_std: Sequence[float] = BGR_STD, input_format: str = "BGR"):
+    """``L(PanopticFPN)``: Mask R-CNN plus detectron2's ``SemSegFPNHead`` on p2-p5 (128 channels,
+    GN, common stride 4, loss weight 0.5; ``sem_seg_classes`` = COCO's 53 stuff classes + 1
+    "things" class, label 255 ignored): detectron2's ``COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml``."""
+    model = mask_rcnn_fpn(backbone, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                          input_format=input_format)
+    model._target_ = PanopticFPN
+    model.sem_seg_head = L(SemSegFPNHead)(
+        input_shape={f: L(ShapeSpec)(channels="${....backbone.out_channels}", stride=_stride(f))
+                     for f in _RCNN_LEVELS},
+        num_classes=sem_seg_classes,
+        conv_dims=128,
+        common_stride=4,
+        loss_weight=0.5,
+        norm="GN",
+        ignore_value=255,
+    )
+    model.combine_overlap_thresh = 0.5
+    model.combine_stuff_area_thresh = 4096
+    model.combine_instances_score_thresh = 0.5
+    return model
+
+
+def retinanet(backbone, *, num_classes: int = 80, pixel_mean: Sequence[float] = BGR_MEAN,
+              pixel_std: Sequence[float] = BGR_STD, input_format: str = "BGR"):
+    """``L(RetinaNet)`` on p3-p7 (C3-C5 inputs, ``top_block="p6p7"``): the values of
+    ``configs/Base-RetinaNet.yaml`` (anchors :data:`RETINANET_ANCHOR_SIZES`, smooth-L1 beta 0)."""
+    return L(RetinaNet)(
+        backbone=backbone,
+        head=L(RetinaNetHead)(
+            input_shape=[L(ShapeSpec)(channels="${....backbone.out_channels}") for _ in _DENSE_LEVELS],
+            num_classes="${..num_classes}",
+            conv_dims=["${...backbone.out_channels}"] * 4,
+            prior_prob=0.01,
+            num_anchors=9,
+        ),
+        head_in_features=list(_DENSE_LEVELS),
+        anchor_generator=L(DefaultAnchorGenerator)(
+            sizes=RETINANET_ANCHOR_SIZES, aspect_ratios=[0.5, 1.0, 2.0],
+            strides=[_stride(f) for f in _DENSE_LEVELS], offset=0.0),
+        box2box_transform=L(Box2BoxTransform)(weights=[1.0, 1.0, 1.0, 1.0]),
+        anchor_matcher=L(Matcher)(thresholds=[0.4, 0.5], labels=[0, -1, 1], allow_low_quality_matches=True),
+        num_classes=num_classes,
+        focal_loss_alpha=0.25,
+        focal_loss_gamma=2.0,
+        smooth_l1_beta=0.0,
+        box_reg_loss_type="smooth_l1",
+        test_score_thresh=0.05,
+        test_topk_candidates=1000,
+        test_nms_thresh=0.5,
+        max_detections_per_image=100,
+        pixel_mean=list(pixel_mean),
+        pixel_std=list(pixel_std),
+        input_format=input_format,
+    )
+
+
+def fcos(backbone, *, num_classes: int = 80, pixel_mean: Sequence[float] = BGR_MEAN,
+         pixel_std: Sequence[float] = BGR_STD):
+    """``L(FCOS)`` on p3-p7: detectron2's ``COCO-Detection/fcos_R_50_FPN_1x.py`` (GN head with a
+    centerness branch, P6/P7 from P5, score threshold 0.2, NMS 0.6), with :class:`FCOS` (float32
+    losses under autocast). FCOS takes no ``input_format``: set the data loader's ``image_format``
+    to what the weights expect."""
+    return L(FCOS)(
+        backbone=backbone,
+        head=L(FCOSHead)(
+            input_shape=[L(ShapeSpec)(channels="${....backbone.out_channels}") for _ in _DENSE_LEVELS],
+            num_classes="${..num_classes}",
+            conv_dims=["${...backbone.out_channels}"] * 4,
+            norm="GN",
+            prior_prob=0.01,
+        ),
+        head_in_features=list(_DENSE_LEVELS),
+        num_classes=num_classes,
+        center_sampling_radius=1.5,
+        focal_loss_alpha=0.25,
+        focal_loss_gamma=2.0,
+        test_score_thresh=0.2,
+        test_topk_candidates=1000,
+        test_nms_thresh=0.6,
+        max_detections_per_image=100,
+        pixel_mean=list(pixel_mean),
+        pixel_std=list(pixel_std),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# data, optimizer, schedule, training settings
+# ---------------------------------------------------------------------------------------------
+def coco_loaders(*, train: str = "coco_2017_train", test: str = "coco_2017_val", image_format: str = "BGR",
+                 use_instance_mask: bool = True, panoptic: bool = False,
+                 min_size_train: Sequence[int] = (640, 672, 704, 736, 768, 800), max_size_train: int = 1333,
+                 min_size_test: int = 800, max_size_test: int = 1333, total_batch_size: int = 16,
+                 num_workers: int = 4) -> DictConfig:
+    """``dataloader`` with ``train``, ``test`` and ``evaluator``: detectron2's loaders and
+    ``DatasetMapper`` with the yaml configs' ``INPUT`` values (shortest edge sampled from
+    ``min_size_train``, horizontal flip). Any registered dataset name works
+    (``dataloader.train.dataset.names=my_train``). ``panoptic=True``: the
+    ``coco_2017_*_panoptic_separated`` datasets (semantic maps read by the mapper), images without
+    instances kept, and COCO + semantic + panoptic evaluation."""
+    if panoptic:
+        train = train if train != "coco_2017_train" else "coco_2017_train_panoptic_separated"
+        test = test if test != "coco_2017_val" else "coco_2017_val_panoptic_separated"
+    loader = OmegaConf.create()
+    loader.train = L(build_detection_train_loader)(
+        dataset=L(get_detection_dataset_dicts)(names=train, filter_empty=not panoptic),
+        mapper=L(DatasetMapper)(
+            is_train=True,
+            augmentations=[
+                L(T.ResizeShortestEdge)(short_edge_length=list(min_size_train), max_size=max_size_train,
+                                        sample_style="choice"),
+                L(T.RandomFlip)(horizontal=True),
+            ],
+            image_format=image_format,
+            use_instance_mask=use_instance_mask,
+        ),
+        total_batch_size=total_batch_size,
+        num_workers=num_workers,
+    )
+    loader.test = L(build_detection_test_loader)(
+        dataset=L(get_detection_dataset_dicts)(names=test, filter_empty=False),
+        mapper=L(DatasetMapper)(
+            is_train=False,
+            augmentations=[L(T.ResizeShortestEdge)(short_edge_length=min_size_test, max_size=max_size_test)],
+            image_format="${...train.mapper.image_format}",
+        ),
+        num_workers=num_workers,
+    )
+    if panoptic:
+        names = "${....test.dataset.names}"  # evaluator.evaluators[i] -> dataloader
+        loader.evaluator = L(DatasetEvaluators)(evaluators=[
+            L(COCOEvaluator)(dataset_name=names), L(SemSegEvaluator)(dataset_name=names),
+            L(COCOPanopticEvaluator)(dataset_name=names)])
+    else:
+        loader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
+    return loader
+
+
+def sgd(lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4, weight_decay_norm: float = 0.0):
+    """``optimizer``: SGD with detectron2's parameter groups (no weight decay on norms), as
+    ``SOLVER.BASE_LR`` / ``MOMENTUM`` / ``WEIGHT_DECAY`` / ``WEIGHT_DECAY_NORM``.
+    ``optimizer.params.model`` is set to the model by the trainer."""
+    return L(torch.optim.SGD)(
+        params=L(get_default_optimizer_params)(weight_decay_norm=weight_decay_norm),
+        lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def multistep_lr(max_iter: int, steps: Sequence[int], warmup_iters: int = 1000, warmup_factor: float = 0.001,
+                 gamma: float = 0.1):
+    """``lr_multiplier``: linear warm-up, then the LR times ``gamma`` at each of ``steps`` (the
+    yaml's ``SOLVER.STEPS``, ``WARMUP_ITERS``, ``WARMUP_FACTOR``, ``GAMMA``).
+
+    detectron2's LR hook scales it to ``train.max_iter`` (milestones and warm-up are fractions of
+    ``max_iter``), so shortening ``train.max_iter`` shortens the whole schedule.
+    """
+    values = [gamma ** i for i in range(len(steps) + 1)]
+    return L(WarmupParamScheduler)(
+        scheduler=L(MultiStepParamScheduler)(values=values, milestones=list(steps) + [max_iter]),
+        warmup_length=warmup_iters / max_iter,
+        warmup_method="linear",
+        warmup_factor=warmup_factor,
+    )
+
+
+def train_settings(*, max_iter: int, init_checkpoint: str = "", output_dir: str = "./output",
+                   device: str = "cuda", amp: bool = False, eval_period: int = 5000, checkpoint_period: int = 5000,
+                   max_to_keep: int = 100, log_period: int = 20, seed: int = -1) -> Dict:
+    """``train``: the keys of detectron2's ``configs/common/train.py`` (so detectron2's own
+    ``tools/lazyconfig_train_net.py`` runs these configs too) plus ``amp.precision`` and ``seed``.
+
+    ``amp.enabled=True``: detectron2's ``AMPTrainer`` (float16 with a grad scaler) on CUDA; with
+    ``python -m d2_backbones.lazy_train`` on CPU, bfloat16 autocast. ``amp.precision``
+    (``"float16"``/``"bfloat16"``) overrides the dtype.
+    """
+    return dict(
+        output_dir=output_dir,
+        init_checkpoint=init_checkpoint,
+        max_iter=max_iter,
+        amp=dict(enabled=amp, precision=None),
+        ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+        checkpointer=dict(period=checkpoint_period, max_to_keep=max_to_keep),
+        eval_period=eval_period,
+        log_period=log_period,
+        device=device,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building with checks
+# ---------------------------------------------------------------------------------------------
+def _get(node, dotted: str):
+    """``node.a.b`` for ``"a.b"`` (None when a part is missing); works on configs and dicts."""
+    for part in dotted.split("."):
+        if isinstance(node, (Mapping, DictConfig)) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _as_list(v) -> List:
+    return list(v) if isinstance(v, (list, tuple, ListConfig)) else [v]
+
+
+def _arg_keys(node, prefix: str) -> Dict[str, str]:
+    return {str(k): f"{prefix}.{k}" for k in node if k != "_target_"} if isinstance(node, (Mapping, DictConfig)) \
+        else {}
+
+
+def _is_call(node) -> bool:
+    return isinstance(node, (Mapping, DictConfig)) and "_target_" in node
+
+
+# (config key under the model, what it is) -> checked against the backbone's features
+_FEATURE_KEYS = ("head_in_features", "proposal_generator.in_features", "roi_heads.in_features",
+                 "roi_heads.box_in_features", "roi_heads.mask_in_features", "roi_heads.keypoint_in_features")
+# strides/scales that must equal those of the features a head reads
+_STRIDE_KEYS = (("anchor_generator.strides", "head_in_features", False),
+                ("proposal_generator.anchor_generator.strides", "proposal_generator.in_features", False),
+                ("roi_heads.box_pooler.scales", "roi_heads.box_in_features", True),
+                ("roi_heads.mask_pooler.scales", "roi_heads.mask_in_features", True),
+                ("roi_heads.keypoint_pooler.scales", "roi_heads.keypoint_in_features", True))
+
+
+def check_model_features(model_cfg, shapes: Mapping[str, ShapeSpec], prefix: str = "model") -> None:
+    """Fail with the key, the value and the fix when a head of ``model_cfg`` (a Python config)
+    does not fit the backbone whose ``output_shape()`` is ``shapes``.
+
+    Checked: the feature names the heads read (``head_in_features``, ``proposal_generator.in_features``,
+    ``roi_heads.{box,mask,keypoint}_in_features``, ``sem_seg_head.input_shape``) exist; anchor
+    strides and pooler scales match those features' strides; ``sem_seg_head.input_shape``
+    gives their strides and channels. (yaml configs get the same check from the registered builders.)
+    """
+    produced = describe_features(shapes)
+    for key in _FEATURE_KEYS:
+        wanted = _get(model_cfg, key)
+        if wanted is None:
+            continue
+        missing = [f for f in _as_list(wanted) if f not in shapes]
+        if missing:
+            raise config_error(f"{prefix}.{key}", list(_as_list(wanted)),
+                               problem=f"contains {missing[0]!r}, which the backbone does not produce",
+                               fix=f"use features it produces: {produced}; or change {prefix}.backbone "
+                                   f"(in_features, top_block) so it produces them")
+    for key, features_key, inverse in _STRIDE_KEYS:
+        given, features = _get(model_cfg, key), _get(model_cfg, features_key)
+        if given is None or features is None:
+            continue
+        want = [shapes[f].stride for f in _as_list(features)]
+        got = [float(v) for v in _as_list(given)]
+        expected = [1.0 / s for s in want] if inverse else [float(s) for s in want]
+        if len(got) != len(expected) or any(not math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, expected)):
+            raise config_error(f"{prefix}.{key}", [float(v) for v in _as_list(given)],
+                               problem=f"does not match the strides {want} of {prefix}.{features_key}="
+                                       f"{list(_as_list(features))}",
+                               fix=f"set it to {expected}")
+    sem = _get(model_cfg, "sem_seg_head.input_shape")
+    if sem is not None:
+        for f in sem:
+            if f not in shapes:
+                raise config_error(f"{prefix}.sem_seg_head.input_shape", list(sem),
+                                   problem=f"contains {f!r}, which the backbone does not produce",
+                                   fix=f"use features it produces: {produced}")
+            spec = sem[f]
+            for field in ("stride", "channels"):
+                v = _get(spec, field) if _is_call(spec) else getattr(spec, field, None)
+                if v is not None and int(v) != getattr(shapes[f], field):
+                    raise config_error(f"{prefix}.sem_seg_head.input_shape.{f}.{field}", v,
+                                       problem=f"differs from the backbone's {f} ({produced})",
+                                       fix=f"set it to {getattr(shapes[f], field)}")
+
+
+def class_count_keys(cfg) -> List[str]:
+    """The keys holding a model's number of (foreground) classes: ``model.num_classes``
+    (RetinaNet, FCOS) and/or ``model.roi_heads.num_classes`` (R-CNN, Cascade, Panoptic FPN);
+    the heads read them through interpolations."""
+    return [k for k in ("model.num_classes", "model.roi_heads.num_classes") if _get(cfg, k) is not None]
+
+
+def instantiate_model(model_cfg, prefix: str = "model") -> torch.nn.Module:
+    """Build a model from its Python config, like ``instantiate(model_cfg)``, with checks.
+
+    The backbone is built first (an error of a family class names the config key, e.g.
+    ``model.backbone.bottom_up.depth``), then :func:`check_model_features` compares what the
+    heads read with what the backbone produces, and only then the rest is built around that
+    backbone. The backbone's arguments arrive as plain Python lists and dicts (``instantiate``
+    alone passes omegaconf containers). ``model_cfg`` is not modified.
+    """
+    cfg = copy.deepcopy(model_cfg)
+    if isinstance(cfg, DictConfig):
+        OmegaConf.resolve(cfg)  # the heads' "${...backbone.out_channels}" become numbers
+    bb = cfg.get("backbone")
+    if not _is_call(bb):
+        return instantiate(cfg)
+    if isinstance(bb, DictConfig):  # the family classes get list/dict arguments, as from Python
+        bb = OmegaConf.to_container(bb)
+    bottom_up = bb.get("bottom_up")
+    if _is_call(bottom_up):
+        with argument_keys(_arg_keys(bottom_up, f"{prefix}.backbone.bottom_up")):
+            bb["bottom_up"] = instantiate(bottom_up)
+    with argument_keys(_arg_keys(bb, f"{prefix}.backbone")):
+        backbone = instantiate(bb)
+    if not hasattr(backbone, "output_shape"):
+        raise ConfigError(f"{prefix}.backbone built a {type(backbone).__name__}, not a detectron2 Backbone "
+                          f"(no output_shape()).")
+    check_model_features(cfg, backbone.output_shape(), prefix)
+    cfg["backbone"] = backbone  # the heads are built around it (detectron2's instantiate passes it through)
+    return instantiate(cfg)
