@@ -122,7 +122,7 @@ def check_out_features(out_features, valid: Sequence[str], key: str, family: str
 
     Errors: not a list, empty, a name the family does not produce (valid names listed), a name listed twice.
     """
-    if isinstance(out_features, str) or not isinstance(out_features, (list, tuple)):
+    if isinstance(out_features, str) or not isinstance(out_features, Iterable):  # lists, tuples, omegaconf lists
         raise config_error(key, out_features, problem="must be a list of feature names",
                            fix=f"write it as a list, e.g. {list(valid[1:])}")
     out = list(out_features)

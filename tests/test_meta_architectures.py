@@ -76,7 +76,7 @@ def _kind(path):
     raise ValueError(name)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- shared pieces
 def synthetic_batch(n=2, h=H, w=W, *, sem_seg=False, seed=0):
     """Images with two boxes each, their masks (a disc and a rectangle) and, for Panoptic FPN, a semantic
     map (0 = things, two stuff classes, an ignored band)."""
