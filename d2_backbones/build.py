@@ -290,10 +290,12 @@ def build_model(cfg: CfgNode):
     from detectron2.modeling import build_model as _d2_build_model
 
     try:
-        return _d2_build_model(cfg)
+        model = _d2_build_model(cfg)
     except KeyError:
         check_head_features(cfg)
         raise
+    check_head_features(cfg, model.backbone.output_shape())  # the semantic head drops unknown features silently
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the build puts it inside the package as ``d2_backbones/configs`` (``setup.py`` m
 wheels, sdists and checkouts all have it. Names are paths relative to ``configs/``; ``_BASE_``
 files travel with their children, so the returned path merges as is::
 
+    >>> import d2_backbones
     >>> cfg = d2_backbones.get_cfg()
     >>> cfg.merge_from_file(get_config_file("ResNet/faster_rcnn_R_50_FPN_1x.yaml"))
 """

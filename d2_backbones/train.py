@@ -208,10 +208,13 @@ class Trainer(DefaultTrainer):
         """detectron2's; a head asking for a feature the backbone lacks gets :func:`~d2_backbones.check_head_features`'
         message (before any data is loaded)."""
         try:
-            return super().build_model(cfg)
+            model = super().build_model(cfg)
         except KeyError:
             check_head_features(cfg)
             raise
+        # detectron2's semantic head drops unknown IN_FEATURES silently: check after a successful build too
+        check_head_features(cfg, model.backbone.output_shape())
+        return model
 
     def build_hooks(self):
         cfg = self.cfg

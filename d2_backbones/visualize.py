@@ -71,13 +71,15 @@ def _series(records: Sequence[Dict], key: str) -> Tuple[List[float], List[float]
 
 
 def curves_figure(records: Sequence[Dict]):
-    """The matplotlib figure of :func:`plot_curves` for ``records`` (merged with :func:`merge_runs` first)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The matplotlib figure of :func:`plot_curves` for ``records`` (merged with :func:`merge_runs` first).
+
+    A plain ``Figure`` (no pyplot): no display or backend needed, nothing to close.
+    """
+    from matplotlib.figure import Figure
 
     recs = merge_runs(records)
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_ap = fig.subplots(1, 2)
     x, y = _series(recs, "total_loss")
     if x:
         ax_loss.plot(x, y, label="total_loss")
@@ -107,12 +109,8 @@ def curves_figure(records: Sequence[Dict]):
 
 def plot_curves(output_dir: str, out_png: Optional[str] = None) -> str:
     """Plot total loss and every ``*/AP`` metric of ``OUTPUT_DIR/metrics.json`` against iteration."""
-    import matplotlib.pyplot as plt
-
     out_png = out_png or os.path.join(output_dir, "curves.png")
-    fig = curves_figure(read_metrics(output_dir))
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    curves_figure(read_metrics(output_dir)).savefig(out_png, dpi=80)
     return out_png
 
 

@@ -178,7 +178,10 @@ def test_backbone_fpn_trains_under_bf16_autocast(name):
     for n, m in model.named_modules():  # offsets that actually deform (they start at zero)
         if n.endswith("offset"):
             nn.init.normal_(m.weight, std=0.01)
-    x = torch.randn(2, 3, 96, 64)
+    # 128x96: P6 is 2x2. With a 2x1 P6 (inputs up to 64 px wide), torch 2.14's CPU bfloat16 3x3 stride-2
+    # conv (here detectron2's P7 conv) returns NaN weight gradients in ~15% of runs: a oneDNN defect,
+    # see docs/meta_architectures.md
+    x = torch.randn(2, 3, 128, 96)
     model.eval()
     with torch.no_grad():
         ref = model(x)

@@ -70,24 +70,19 @@ def test_read_metrics_skips_a_truncated_line(tmp_path):
 
 
 def test_curves_do_not_double_back_and_have_axis_labels(tmp_path):
-    import matplotlib.pyplot as plt
-
     _resumed_metrics(str(tmp_path))
     fig = curves_figure(read_metrics(str(tmp_path)))
-    try:
-        ax_loss, ax_ap = fig.axes
-        assert ax_loss.get_xlabel() == "iteration" and ax_loss.get_ylabel() == "total loss"
-        assert ax_ap.get_xlabel() == "iteration" and ax_ap.get_ylabel() == "AP (%)"
-        (loss_line,) = ax_loss.get_lines()
-        x = list(loss_line.get_xdata())
-        assert x == list(range(19, 400, 20))
-        assert list(loss_line.get_ydata()) == [1.0] * 10 + [0.5] * 10
-        ap_lines = {line.get_label(): line for line in ax_ap.get_lines()}
-        assert sorted(ap_lines) == ["bbox/AP"]  # AP50 is not an */AP key
-        assert list(ap_lines["bbox/AP"].get_xdata()) == [199, 299, 400]
-        assert list(ap_lines["bbox/AP"].get_ydata()) == [40.0, 60.0, 70.0]
-    finally:
-        plt.close(fig)
+    ax_loss, ax_ap = fig.axes
+    assert ax_loss.get_xlabel() == "iteration" and ax_loss.get_ylabel() == "total loss"
+    assert ax_ap.get_xlabel() == "iteration" and ax_ap.get_ylabel() == "AP (%)"
+    (loss_line,) = ax_loss.get_lines()
+    x = list(loss_line.get_xdata())
+    assert x == list(range(19, 400, 20))
+    assert list(loss_line.get_ydata()) == [1.0] * 10 + [0.5] * 10
+    ap_lines = {line.get_label(): line for line in ax_ap.get_lines()}
+    assert sorted(ap_lines) == ["bbox/AP"]  # AP50 is not an */AP key
+    assert list(ap_lines["bbox/AP"].get_xdata()) == [199, 299, 400]
+    assert list(ap_lines["bbox/AP"].get_ydata()) == [40.0, 60.0, 70.0]
     png = plot_curves(str(tmp_path))
     assert png == str(tmp_path / "curves.png")
     with Image.open(png) as im:
@@ -95,16 +90,11 @@ def test_curves_do_not_double_back_and_have_axis_labels(tmp_path):
 
 
 def test_curves_without_evaluation_still_label_both_panels():
-    import matplotlib.pyplot as plt
-
     fig = curves_figure([{"iteration": 19, "total_loss": 2.0}, {"iteration": 39, "total_loss": 1.5}])
-    try:
-        ax_loss, ax_ap = fig.axes
-        assert ax_ap.get_lines() == [] and ax_ap.get_ylabel() == "AP (%)" and ax_ap.get_xlabel() == "iteration"
-        assert any("no evaluation" in t.get_text() for t in ax_ap.texts)
-        assert list(ax_loss.get_lines()[0].get_xdata()) == [19, 39]
-    finally:
-        plt.close(fig)
+    ax_loss, ax_ap = fig.axes
+    assert ax_ap.get_lines() == [] and ax_ap.get_ylabel() == "AP (%)" and ax_ap.get_xlabel() == "iteration"
+    assert any("no evaluation" in t.get_text() for t in ax_ap.texts)
+    assert list(ax_loss.get_lines()[0].get_xdata()) == [19, 39]
 
 
 # ------------------------------------------------------------------------------------------ labels

@@ -412,7 +412,7 @@ def test_divergence_tags_no_non_finite_checkpoint_and_resume_finishes(trained, d
     assert tag(out) == "model_final.pth"
     error = fine_tune_at_lr_1e6(out, 2, data_root)  # the save after the overflowing step (iteration 1) is refused
     assert "model_0000001.pth was not written" in error
-    assert tag(out) == "model_final.pth" and "The last complete checkpoint is model_final.pth" in error
+    assert tag(out) == "model_final.pth" and "model_final.pth (last_checkpoint names it)" in error
     assert {name: non_finite(os.path.join(out, name)) for name in checkpoints(out)} == {
         name: [] for name in ["model_0000000.pth", "model_0000001.pth", "model_final.pth"]}
     r = train_net(out, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1, data_root=data_root, flags=["--resume"])
@@ -615,7 +615,8 @@ def test_converter_yaml_and_printed_overrides_are_usable_as_is(converted, family
     assert {k: cfg_value(cfg, k) for k in c.meta["config"]} == c.meta["config"]
     assert_loads_cleanly(cfg, c.pth)
     monkeypatch.setenv("D2B_DATASETS", data_root)
-    args = argument_parser().parse_args(["--config-file", c.config, "OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu"]
+    args = argument_parser().parse_args(["--config-file", c.config, "OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu",
+                                         "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]  # no dataset registration here
                                         + shlex.split(c.overrides))
     cfg = setup(args)
     assert cfg.MODEL.WEIGHTS == c.pth
