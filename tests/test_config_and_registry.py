@@ -47,6 +47,7 @@ def test_import_twice_and_reload_never_raise():
     assert "build_d2b_resnet_fpn_backbone" in BACKBONE_REGISTRY
 
 
+@pytest.mark.slow
 def test_import_next_to_other_packages_names_in_a_fresh_process():
     """detectron2's own builders are registered; a package registering vovnet-detectron2's /
     centermask2's names after us must not collide with anything we registered."""
@@ -171,6 +172,7 @@ def test_full_model_from_package_cfg_runs():
     assert out[0]["instances"].image_size == (64, 96)
 
 
+@pytest.mark.slow
 def test_detectron2_version_range_is_checked_at_import():
     code = ("import detectron2; detectron2.__version__ = '0.2'\n"
             "try:\n    import d2_backbones\nexcept ImportError as e:\n    print('ERR', e)\n")

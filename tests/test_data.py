@@ -1,7 +1,8 @@
 """Datasets checked on arrival: every defect of a --register-coco dataset is reported before the model is built.
 
-The defects go through ``python train_net.py --register-coco NAME JSON IMAGE_ROOT ...`` (real subprocesses,
-CPU), on small copies of the synthetic shapes dataset with one defect each.
+Each defect runs on a small copy of the synthetic shapes dataset with that one defect, twice: through the
+trainer's ``setup()`` in process (fast tier) and through ``python train_net.py --register-coco NAME JSON
+IMAGE_ROOT ...`` in a fresh process (slow tier: exit code, stderr, no model built).
 """
 import json
 import logging
@@ -51,7 +52,8 @@ def _assert_failed_before_model(p, log):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def test_invalid_json_names_file_dataset_and_line_column(shapes, tmp_path):
+# Each defect: (name, make) where make(shapes, tmp_path) -> (json_file, image_root, [expected message parts]).
+def _invalid_json(shapes, tmp_path):
     json_file, image_root, data = shapes
     text = json.dumps(data, indent=1)
     pos = text.index('"annotations": [') + len('"annotations"')
@@ -60,43 +62,72 @@ def test_invalid_json_names_file_dataset_and_line_column(shapes, tmp_path):
     with open(bad, "w") as f:
         f.write(text)
     line, col = text[:pos].count("\n") + 1, pos - text.rfind("\n", 0, pos) + 1
-    p, log = _train_net("broken_train", bad, image_root, tmp_path / "out")
-    _assert_failed_before_model(p, log)
-    err = p.stderr.strip().splitlines()[-1]  # the exception line
-    assert "Dataset 'broken_train'" in err and bad in err, err
-    assert f"line {line}, column {col}" in err, (err, line, col)
+    return bad, image_root, ["Dataset '{name}'", bad, f"line {line}, column {col}"]
 
 
-def test_missing_images_are_counted_and_the_first_five_named(shapes, tmp_path):
+def _missing_images(shapes, tmp_path):
     json_file, image_root, data = shapes
     names = [im["file_name"] for im in data["images"]]
     for n in names[1:7]:
         os.remove(os.path.join(image_root, n))
-    p, log = _train_net("holes_train", json_file, image_root, tmp_path / "out")
-    _assert_failed_before_model(p, log)
-    assert f"6 of 8 image files are missing under IMAGE_ROOT {image_root}: {', '.join(names[1:6])}, ..." in p.stderr
-    assert names[6] not in p.stderr and "--skip-image-check" in p.stderr
+    return json_file, image_root, [
+        f"6 of 8 image files are missing under IMAGE_ROOT {image_root}: {', '.join(names[1:6])}, ...",
+        "--skip-image-check", ("not", names[6])]
 
 
-def test_wrong_image_root_says_so(shapes, tmp_path):
+def _wrong_image_root(shapes, tmp_path):
     json_file, _, data = shapes
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    p, log = _train_net("moved_train", json_file, str(empty), tmp_path / "out")
-    _assert_failed_before_model(p, log)
-    assert "8 of 8 image files are missing" in p.stderr and "IMAGE_ROOT is probably wrong" in p.stderr
+    return json_file, str(empty), ["8 of 8 image files are missing", "IMAGE_ROOT is probably wrong"]
 
 
-def test_unknown_category_id_names_the_annotation_and_the_id(shapes, tmp_path):
+def _unknown_category(shapes, tmp_path):
     json_file, image_root, data = shapes
     ann = data["annotations"][3]
     ann["category_id"] = 9
     bad = str(tmp_path / "cats.json")
     _write(bad, data)
-    p, log = _train_net("cats_train", bad, image_root, tmp_path / "out")
+    return bad, image_root, [f"annotation id {ann['id']} has category_id 9", "not in 'categories' (ids 1, 2, 3)"]
+
+
+DEFECTS = {"invalid_json": _invalid_json, "missing_images": _missing_images,
+           "wrong_image_root": _wrong_image_root, "unknown_category": _unknown_category}
+
+
+def _assert_message(message, expected, name):
+    for part in expected:
+        if isinstance(part, tuple):  # ("not", text)
+            assert part[1] not in message, (part[1], message)
+        else:
+            assert part.format(name=name) in message, (part.format(name=name), message)
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_defect_is_refused_by_setup_before_the_model(defect, shapes, tmp_path):
+    """In process (development loop): the trainer's setup() raises ConfigError with the whole message."""
+    from d2_backbones.train import argument_parser, setup
+
+    name = f"{defect}_setup_train"
+    json_file, image_root, expected = DEFECTS[defect](shapes, tmp_path)
+    args = argument_parser().parse_args(
+        ["--config-file", QUICK, "--register-coco", name, json_file, image_root, "DATASETS.TRAIN", f"('{name}',)",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")])
+    with pytest.raises(ConfigError) as e:
+        setup(args)
+    _assert_message(str(e.value), expected, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_defect_stops_train_net_before_the_model(defect, shapes, tmp_path):
+    """The same defects through ``python train_net.py --register-coco`` in a fresh process: exit code, the
+    exception line on stderr, and no model built."""
+    name = f"{defect}_train"
+    json_file, image_root, expected = DEFECTS[defect](shapes, tmp_path)
+    p, log = _train_net(name, json_file, image_root, tmp_path / "out")
     _assert_failed_before_model(p, log)
-    assert f"annotation id {ann['id']} has category_id 9" in p.stderr, p.stderr[-3000:]
-    assert "not in 'categories' (ids 1, 2, 3)" in p.stderr
+    _assert_message(p.stderr.strip().splitlines()[-1] if defect == "invalid_json" else p.stderr, expected, name)
 
 
 @pytest.mark.slow
@@ -196,6 +227,7 @@ def test_detectron2_treats_flagged_boxes_as_the_warning_says(shapes, tmp_path):
     np.testing.assert_allclose(boxes, [[10, 10, 30, 30], [5, 10, 10, 30], [0, 30, 11, 40]])
 
 
+@pytest.mark.slow
 def test_data_does_not_import_the_trainer():
     code = ("import sys, d2_backbones.data, d2_backbones.shapes; "
             "print(sorted(m for m in sys.modules if m.startswith('d2_backbones.')))")

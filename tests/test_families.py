@@ -127,6 +127,7 @@ def test_no_import_cycle_between_package_modules():
     assert not cycles, cycles
 
 
+@pytest.mark.slow
 def test_import_changes_exactly_what_the_docstring_lists():
     code = """
 import detectron2.config, detectron2.modeling

@@ -99,6 +99,7 @@ def test_footnotes_state_method_and_skipped_ops(table):
         assert float(cells[7]) > 0  # latency in ms
 
 
+@pytest.mark.slow
 def test_det_size_gmacs_scale_with_pixels():
     # a small variant at 800x1333: MACs of a fully convolutional net scale with the pixel count
     row = model_table.measure_variant("V-19-slim-dw-eSE", latency_runs=0)

@@ -56,6 +56,7 @@ def test_unknown_config_name_lists_the_closest_names():
 
 
 # ------------------------------------------------------------------------------------------ train_net module
+@pytest.mark.slow
 def test_train_net_module_help_from_another_directory(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)  # this checkout, run from elsewhere
     p = subprocess.run([sys.executable, "-m", "d2_backbones.train_net", "--help"], capture_output=True, text=True,
@@ -106,6 +107,7 @@ def test_setup_script_fails_clearly_when_detectron2_cannot_be_installed(tmp_path
     assert "3/3" not in p.stdout  # stopped there
 
 
+@pytest.mark.slow
 def test_ci_run_sets_up_with_the_script_and_stops_without_detectron2(tmp_path):
     empty_source = tmp_path / "not_detectron2"
     empty_source.mkdir()

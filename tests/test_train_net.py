@@ -232,6 +232,10 @@ def test_unregistered_dataset_is_explained(data_root, tmp_path, monkeypatch):
 def test_flag_after_overrides_is_explained():
     with pytest.raises(SystemExit, match=r"Found flag '--resume' inside the config overrides.*Put --flags before"):
         check_opts(["OUTPUT_DIR", "output", "--resume"])
+
+
+@pytest.mark.slow
+def test_flag_after_overrides_stops_train_net():
     p = subprocess.run([sys.executable, TRAIN_NET, "--config-file", QUICK, "OUTPUT_DIR", "out", "--eval-only"],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and "Found flag '--eval-only' inside the config overrides" in p.stderr
