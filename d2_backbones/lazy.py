@@ -12,6 +12,8 @@ same architecture build the same model (same parameter names, same outputs; test
 =============================  ==============================================================
 piece                          what it returns
 =============================  ==============================================================
+:func:`fpn`                    ``L(build_fpn)`` over a family's ``LazyCall`` (its outputs set to
+                               the FPN's inputs)
 :func:`mask_rcnn_fpn`          ``L(GeneralizedRCNN)``: RPN on p2-p6, box + mask heads on p2-p5
 :func:`cascade_mask_rcnn_fpn`  the same with ``CascadeROIHeads`` (3 stages, IoU 0.5/0.6/0.7,
                                class-agnostic box regression)
@@ -25,21 +27,24 @@ piece                          what it returns
                                keys of detectron2's ``configs/common/train.py``
 =============================  ==============================================================
 
-A config file (``configs/<Family>/*.py``) is then::
+Each family folder has one ``configs/<Family>/common.py`` that says what is the family's own:
+the bottom-up network as a ``LazyCall`` (``bottom_up = L(VoVNet)(spec="V-39-eSE",
+norm="FrozenBN", freeze_at=0)``), its feature names (``C2_C5``, ``C3_C5``), the model's input
+settings (``inputs``: pixel mean/std, input format; ``image_format`` for the loaders) and the
+ImageNet weights to start from (``init_checkpoint``). A config file beside it is then::
 
-    from detectron2.config import LazyCall as L
-    from d2_backbones.fpn import build_fpn
-    from d2_backbones.lazy import coco_loaders, mask_rcnn_fpn, multistep_lr, sgd, train_settings
-    from d2_backbones.vovnet import VoVNet
+    from d2_backbones.lazy import coco_loaders, fpn, mask_rcnn_fpn, multistep_lr, sgd, train_settings
 
-    model = mask_rcnn_fpn(L(build_fpn)(
-        bottom_up=L(VoVNet)(spec="V-39-eSE", norm="FrozenBN", freeze_at=0,
-                            out_features=["stage2", "stage3", "stage4", "stage5"]),
-        in_features=["stage2", "stage3", "stage4", "stage5"], out_channels=256, top_block="maxpool"))
-    dataloader = coco_loaders()
+    from .common import C2_C5, bottom_up, image_format, init_checkpoint, inputs
+
+    model = mask_rcnn_fpn(fpn(bottom_up, C2_C5), num_classes=80, **inputs)
+    dataloader = coco_loaders(image_format=image_format)
     optimizer = sgd(lr=0.02)
     lr_multiplier = multistep_lr(max_iter=270000, steps=(210000, 250000))
-    train = train_settings(max_iter=270000)
+    train = train_settings(max_iter=270000, init_checkpoint=init_checkpoint)
+
+(detectron2's ``LazyConfig.load`` resolves the relative import to the file beside the config,
+as in detectron2's own ``configs/common``.)
 
 Every head reads the FPN width through an interpolation (``"${...backbone.out_channels}"``),
 so ``model.backbone.out_channels=128`` gives an FPNLite model. The pieces assume the standard
@@ -81,11 +86,11 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .errors import ConfigError, argument_keys, config_error
-from .fpn import describe_features
+from .fpn import build_fpn, describe_features
 
 __all__ = [
     "BGR_MEAN", "BGR_STD", "RGB_MEAN", "RGB_STD", "RETINANET_ANCHOR_SIZES", "FCOS",
-    "mask_rcnn_fpn", "cascade_mask_rcnn_fpn", "panoptic_fpn", "retinanet", "fcos",
+    "fpn", "mask_rcnn_fpn", "cascade_mask_rcnn_fpn", "panoptic_fpn", "retinanet", "fcos",
     "coco_loaders", "sgd", "multistep_lr", "train_settings",
     "instantiate_model", "check_model_features", "class_count_keys",
 ]
@@ -171,6 +176,24 @@ def _mask_head():
     return L(MaskRCNNConvUpsampleHead)(
         input_shape=L(ShapeSpec)(channels="${....backbone.out_channels}", height=14, width=14),
         num_classes="${..num_classes}", conv_dims=[256, 256, 256, 256, 256])
+
+
+def fpn(bottom_up, in_features: Sequence[str], *, top_block: str = "maxpool", top_block_source: str = "",
+        out_channels: int = 256):
+    """``L(build_fpn)`` over a copy of ``bottom_up`` (a ``LazyCall`` of a family) set to output
+    exactly ``in_features``.
+
+    ``fpn(bottom_up, C2_C5)`` is the FPN of the R-CNN meta-architectures (p2-p6, P6 a max-pool of
+    P5); ``fpn(bottom_up, C3_C5, top_block="p6p7", top_block_source="on_input")`` RetinaNet's (p3-p7,
+    P6/P7 from C5; FCOS: ``"on_output"``, from P5). ``out_channels=128`` gives FPNLite.
+    """
+    bottom_up = copy.deepcopy(bottom_up)
+    bottom_up.out_features = list(in_features)
+    node = L(build_fpn)(bottom_up=bottom_up, in_features=list(in_features), out_channels=out_channels,
+                        top_block=top_block)
+    if top_block_source:
+        node.top_block_source = top_block_source
+    return node
 
 
 def mask_rcnn_fpn(backbone, *, num_classes: int = 80, pixel_mean: Sequence[float] = BGR_MEAN,

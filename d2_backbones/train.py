@@ -143,9 +143,21 @@ def check_num_classes(cfg, mode: Optional[str] = None) -> None:
             f"background), or pass --num-classes auto.")
 
 
+def check_amp_device(cfg) -> None:
+    """``SOLVER.AMP.ENABLED`` is detectron2's ``AMPTrainer``: float16 autocast with a CUDA grad scaler,
+    which stops at its first step on any other device. Say so at start, with the CPU alternative."""
+    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ConfigError(
+            f"SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda (detectron2's AMPTrainer trains in float16 with a "
+            f"CUDA grad scaler), but MODEL.DEVICE={cfg.MODEL.DEVICE!r}. Fix: set SOLVER.AMP.ENABLED False; for "
+            f"mixed precision on CPU (bfloat16 autocast) train the Python config of the same model: python -m "
+            f"d2_backbones.lazy_train --config-file configs/<Family>/<name>.py train.device=cpu "
+            f"train.amp.enabled=True (docs/meta_architectures.md).")
+
+
 # ---------------------------------------------------------------------------------------------- setup
 def setup(args):
-    """``get_cfg`` -> ``add_config`` -> file -> overrides -> dataset/class checks -> freeze -> ``default_setup``."""
+    """``get_cfg`` -> ``add_config`` -> file -> overrides -> dataset/class/AMP checks -> freeze -> ``default_setup``."""
     check_opts(args.opts)
     cfg = get_cfg()
     add_config(cfg)
@@ -158,6 +170,8 @@ def setup(args):
                            check_images=not getattr(args, "skip_image_check", False))
     register_used_shapes(cfg)
     check_num_classes(cfg, getattr(args, "num_classes", None))
+    if not getattr(args, "eval_only", False):
+        check_amp_device(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -47,7 +47,8 @@ from conftest import CONFIG_DIR, REPO, load_cfg
 FAMILIES = ("ResNet", "VoVNet", "GhostNet")
 NEW_YAMLS = sorted(p for f in FAMILIES for pattern in ("cascade_mask_rcnn_*.yaml", "panoptic_fpn_*.yaml")
                    for p in glob.glob(os.path.join(CONFIG_DIR, f, pattern)))
-PY_CONFIGS = sorted(p for f in FAMILIES for p in glob.glob(os.path.join(CONFIG_DIR, f, "*.py")))
+PY_CONFIGS = sorted(p for f in FAMILIES for p in glob.glob(os.path.join(CONFIG_DIR, f, "*.py"))
+                    if os.path.basename(p) != "common.py")  # common.py: what a family's configs share
 PAIRS = [(p[:-3] + ".yaml", p) for p in PY_CONFIGS if os.path.isfile(p[:-3] + ".yaml")]
 YAML_ALONE = [p for p in NEW_YAMLS if p not in {y for y, _ in PAIRS}]
 PY_ALONE = [p for p in PY_CONFIGS if p not in {q for _, q in PAIRS}]
@@ -322,10 +323,34 @@ def test_every_family_has_python_configs_for_each_meta_architecture():
         assert kinds == {"mask_rcnn", "cascade_mask_rcnn", "panoptic_fpn", "retinanet", "fcos"}, fam
 
 
+def test_python_configs_take_the_network_from_their_familys_common_py():
+    """One place per family says what its network is: every config's bottom-up network is common.py's
+    (only its outputs set to the FPN's inputs), with common.py's input settings and weights."""
+    from omegaconf import OmegaConf
+
+    for fam in FAMILIES:
+        keys = ("bottom_up", "C2_C5", "C3_C5", "pixel", "image_format", "init_checkpoint")
+        common = Namespace(**dict(zip(keys, LazyConfig.load(os.path.join(CONFIG_DIR, fam, "common.py"), keys))))
+        shared = OmegaConf.to_container(common.bottom_up)
+        assert "out_features" not in shared, fam
+        for path in (p for p in PY_CONFIGS if _id(p).startswith(fam + os.sep)):
+            cfg = LazyConfig.load(path)
+            bottom_up = OmegaConf.to_container(cfg.model.backbone.bottom_up)
+            features = bottom_up.pop("out_features")
+            assert bottom_up == shared, path
+            assert features == list(cfg.model.backbone.in_features) == (
+                common.C3_C5 if _kind(path) in ("retinanet", "fcos") else common.C2_C5), path
+            assert cfg.train.init_checkpoint == common.init_checkpoint, path
+            assert cfg.dataloader.train.mapper.image_format == common.image_format, path
+            assert cfg.model.get("input_format", common.image_format) == common.image_format, path
+            for k, v in common.pixel.items():
+                assert list(cfg.model[k]) == list(v), (path, k)
+
+
 def test_python_configs_do_not_import_model_zoo():
     """No config (nor the package) imports detectron2.model_zoo, which needs pkg_resources."""
-    for path in PY_CONFIGS + [os.path.join(REPO, "d2_backbones", "lazy.py"),
-                              os.path.join(REPO, "d2_backbones", "lazy_train.py")]:
+    for path in glob.glob(os.path.join(CONFIG_DIR, "**", "*.py"), recursive=True) + [
+            os.path.join(REPO, "d2_backbones", "lazy.py"), os.path.join(REPO, "d2_backbones", "lazy_train.py")]:
         with open(path) as f:
             assert not re.search(r"(import|from)\s+detectron2\.model_zoo|from\s+detectron2\s+import.*model_zoo",
                                  f.read()), path

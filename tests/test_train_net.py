@@ -223,6 +223,19 @@ def test_retinanet_class_key_is_checked(data_root, monkeypatch):
         check_num_classes(cfg)
 
 
+def test_amp_on_cpu_is_explained_at_start(data_root, tmp_path, monkeypatch):
+    """detectron2's AMPTrainer would stop at its first step; setup names both keys and the bf16 route."""
+    monkeypatch.setenv("D2B_DATASETS", data_root)
+    with pytest.raises(ConfigError, match=r"SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda .*MODEL.DEVICE='cpu'\. "
+                                          r"Fix: set SOLVER.AMP.ENABLED False.*d2_backbones.lazy_train.*"
+                                          r"train.amp.enabled=True"):
+        setup(_args("OUTPUT_DIR", tmp_path / "a", "SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", "cpu"))
+    # evaluation does not use the AMP trainer: no error
+    args = _args("OUTPUT_DIR", tmp_path / "b", "SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", "cpu")
+    args.eval_only = True
+    assert setup(args).SOLVER.AMP.ENABLED
+
+
 def test_unregistered_dataset_is_explained(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("D2B_DATASETS", data_root)
     with pytest.raises(ConfigError, match=r"Dataset 'nope_train'.*not registered in this process.*--register-coco"):

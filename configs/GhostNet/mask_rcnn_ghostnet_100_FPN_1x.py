@@ -1,35 +1,16 @@
 """Mask R-CNN, GhostNet x1.0 + FPN, 1x.
 
-The Python twin of mask_rcnn_ghostnet_100_FPN_1x.yaml: the same model (parameter names, outputs; tested).
-Train: python -m d2_backbones.lazy_train --config-file configs/GhostNet/mask_rcnn_ghostnet_100_FPN_1x.py
-    [--num-gpus 8] [key=value ...]
-(or detectron2's tools/lazyconfig_train_net.py with the same arguments; see docs/meta_architectures.md).
+The Python twin of mask_rcnn_ghostnet_100_FPN_1x.yaml (same model; tested);
+the network comes from common.py beside it.
+Train: python -m d2_backbones.lazy_train --config-file configs/GhostNet/mask_rcnn_ghostnet_100_FPN_1x.py [key=value ...]
 """
-from detectron2.config import LazyCall as L
+from d2_backbones.lazy import coco_loaders, fpn, mask_rcnn_fpn, multistep_lr, sgd, train_settings
 
-from d2_backbones.fpn import build_fpn
-from d2_backbones.ghostnet import GhostNet
-from d2_backbones.lazy import RGB_MEAN, RGB_STD, coco_loaders, mask_rcnn_fpn, multistep_lr, sgd, train_settings
+from .common import C2_C5, bottom_up, image_format, init_checkpoint, pixel
 
-model = mask_rcnn_fpn(
-    L(build_fpn)(
-        bottom_up=L(GhostNet)(
-            width=1.0,
-            norm="FrozenBN",
-            freeze_at=2,  # stem group (conv_stem, bn1, blocks.0) + stage2 (blocks.1-2)
-            out_features=["stage2", "stage3", "stage4", "stage5"],
-        ),
-        in_features=["stage2", "stage3", "stage4", "stage5"],
-        out_channels=256,  # 128: FPNLite (every head reads model.backbone.out_channels)
-        top_block="maxpool",  # P6 = max-pool of P5: RPN on p2-p6, ROI heads on p2-p5
-    ),
-    num_classes=80, pixel_mean=RGB_MEAN, pixel_std=RGB_STD, input_format="RGB",  # ImageNet mean/std, RGB (timm weights)
-)
-
-dataloader = coco_loaders(image_format="RGB")
+# P6 = max-pool of P5: RPN on p2-p6, ROI heads on p2-p5
+model = mask_rcnn_fpn(fpn(bottom_up, C2_C5), num_classes=80, **pixel, input_format=image_format)
+dataloader = coco_loaders(image_format=image_format)
 optimizer = sgd(lr=0.02)
 lr_multiplier = multistep_lr(max_iter=90000, steps=(60000, 80000))
-train = train_settings(
-    max_iter=90000,
-    init_checkpoint="",  # timm ghostnet_100 converted with python -m d2_backbones.convert (RGB, ImageNet mean/std)
-)
+train = train_settings(max_iter=90000, init_checkpoint=init_checkpoint)

@@ -1,38 +1,16 @@
 """Mask R-CNN, ResNet-50 + FPN, 1x.
 
-The Python twin of mask_rcnn_R_50_FPN_1x.yaml: the same model (parameter names, outputs; tested).
-Train: python -m d2_backbones.lazy_train --config-file configs/ResNet/mask_rcnn_R_50_FPN_1x.py
-    [--num-gpus 8] [key=value ...]
-(or detectron2's tools/lazyconfig_train_net.py with the same arguments; see docs/meta_architectures.md).
+The Python twin of mask_rcnn_R_50_FPN_1x.yaml (same model; tested);
+the network comes from common.py beside it.
+Train: python -m d2_backbones.lazy_train --config-file configs/ResNet/mask_rcnn_R_50_FPN_1x.py [key=value ...]
 """
-from detectron2.config import LazyCall as L
+from d2_backbones.lazy import coco_loaders, fpn, mask_rcnn_fpn, multistep_lr, sgd, train_settings
 
-from d2_backbones.fpn import build_fpn
-from d2_backbones.lazy import coco_loaders, mask_rcnn_fpn, multistep_lr, sgd, train_settings
-from d2_backbones.resnet import build_resnet
+from .common import C2_C5, bottom_up, image_format, init_checkpoint, pixel
 
-model = mask_rcnn_fpn(
-    L(build_fpn)(
-        bottom_up=L(build_resnet)(
-            depth=50,
-            stride_in_1x1=True,  # MSRA caffe-style weights (detectron2's R-50.pkl): BGR, std 1
-            deep_stem=False,  # True + avg_down=True: ResNet-50-V1d
-            avg_down=False,
-            norm="FrozenBN",
-            freeze_at=2,  # stem + res2
-            out_features=["res2", "res3", "res4", "res5"],
-        ),
-        in_features=["res2", "res3", "res4", "res5"],
-        out_channels=256,  # 128: FPNLite (every head reads model.backbone.out_channels)
-        top_block="maxpool",  # P6 = max-pool of P5: RPN on p2-p6, ROI heads on p2-p5
-    ),
-    num_classes=80,
-)
-
-dataloader = coco_loaders()
+# P6 = max-pool of P5: RPN on p2-p6, ROI heads on p2-p5
+model = mask_rcnn_fpn(fpn(bottom_up, C2_C5), num_classes=80, **pixel, input_format=image_format)
+dataloader = coco_loaders(image_format=image_format)
 optimizer = sgd(lr=0.02)
 lr_multiplier = multistep_lr(max_iter=90000, steps=(60000, 80000))
-train = train_settings(
-    max_iter=90000,
-    init_checkpoint="detectron2://ImageNetPretrained/MSRA/R-50.pkl",
-)
+train = train_settings(max_iter=90000, init_checkpoint=init_checkpoint)
