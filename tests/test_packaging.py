@@ -174,6 +174,9 @@ for name in {FAMILY_CONFIGS!r}:
         out = model([{{"image": torch.randint(0, 255, (3, 128, 160)).float(), "height": 128, "width": 160}}])
     print("built", name, cfg.MODEL.BACKBONE.NAME, type(out[0]["instances"]).__name__, out[0]["instances"].image_size)
 print("lazy", d2_backbones.get_config_file("LazyProbe/probe_lazy.py"))
+from detectron2.config import LazyConfig  # a Python config and the common.py it imports, from the wheel
+lazy = LazyConfig.load(d2_backbones.get_config_file("VoVNet/retinanet_V_39_eSE_FPN_3x.py"))
+print("lazy bottom_up", lazy.model.backbone.bottom_up.spec, list(lazy.model.backbone.bottom_up.out_features))
 try:
     d2_backbones.get_config_file("VoVNet/faster_rcnn_V_39_eSE_FPN_1x.yaml")
 except d2_backbones.ConfigError as e:
@@ -185,6 +188,7 @@ except d2_backbones.ConfigError as e:
     for name, builder in zip(FAMILY_CONFIGS, ["resnet", "vovnet", "ghostnet"]):
         assert f"built {name} build_d2b_{builder}_fpn_backbone Instances (128, 160)" in out, out
     assert f"lazy {target}" in out
+    assert "lazy bottom_up V-39-eSE ['stage3', 'stage4', 'stage5']" in out, out
     assert "unknown: No config" in out and "Closest: VoVNet/faster_rcnn_V_39_eSE_FPN_3x.yaml" in out
 
     p = subprocess.run([sys.executable, "-m", "d2_backbones.train_net", "--help"], cwd=str(elsewhere), env=env, **run)
