@@ -43,6 +43,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .errors import ConfigError
+from .model_zoo import resolve_config_file
 from .lazy import class_count_keys, instantiate_model
 from .train import argument_parser, ddp_any_device, register_coco_datasets
 from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
@@ -83,6 +84,29 @@ def _dataset_names(cfg) -> List[str]:
         if v is not None:
             names += [v] if isinstance(v, str) else list(v)
     return names
+
+
+TRAINING_KEYS = ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+
+
+def check_training_config(cfg, path: str) -> None:
+    """A file without the five top-level keys of a training config (a ``common.py``, a yaml) is
+    refused before anything else runs, with the configs that can be trained."""
+    missing = [k for k in TRAINING_KEYS if k not in cfg]
+    if not missing:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    trainable = sorted(f for f in os.listdir(folder) if f.endswith(".py") and f != os.path.basename(path)
+                       and f != "common.py") if os.path.isdir(folder) else []
+    if path.endswith((".yaml", ".yml")):
+        why = "it is a yaml config: train it with python -m d2_backbones.train_net --config-file " + path
+    elif os.path.basename(path) == "common.py":
+        why = "common.py holds what the Python configs beside it share; pass one of them"
+    else:
+        why = "pass a Python config that defines them"
+    listed = f" Python configs in {folder}: {', '.join(trainable)}." if trainable else ""
+    raise ConfigError(f"Config file {path} is not a training config: it has no {', '.join(missing)} (a training "
+                      f"config defines {', '.join(TRAINING_KEYS)}). Fix: {why}.{listed}")
 
 
 def _check_device(cfg) -> None:
@@ -143,7 +167,9 @@ def _check_input_format(cfg) -> None:
 def setup(args):
     """Load the config, apply the overrides, register datasets, run the checks, ``default_setup``."""
     check_overrides(args.opts)
+    args.config_file = resolve_config_file(args.config_file, yacs=False)  # default_setup logs and copies it
     cfg = LazyConfig.load(args.config_file)
+    check_training_config(cfg, args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     output_dir = _get(cfg, "train.output_dir")
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")

@@ -14,7 +14,7 @@ from typing import List
 
 from .errors import ConfigError, nearest_first
 
-__all__ = ["get_config_file", "config_dir", "list_config_files"]
+__all__ = ["get_config_file", "config_dir", "list_config_files", "resolve_config_file"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SUFFIXES = (".yaml", ".py")  # yacs yaml files and LazyConfig python files
@@ -67,3 +67,32 @@ def get_config_file(name: str) -> str:
             f"No config {name!r} among the {len(names)} configs shipped with d2_backbones (in {config_dir()}). "
             f"Closest: {', '.join(closest)}. d2_backbones.model_zoo.list_config_files() lists them all.")
     return os.path.join(config_dir(), *rel.split("/"))
+
+
+def resolve_config_file(path: str, yacs: bool) -> str:
+    """The file a trainer's ``--config-file`` names, checked before anything is built.
+
+    A path that exists is returned as is. A path that does not exist but names a shipped config
+    (``configs/VoVNet/...yaml`` as the README writes it, run outside the checkout) resolves to the
+    shipped file; anything else is a :class:`~d2_backbones.ConfigError` with the closest shipped
+    names. ``yacs=True`` (``train_net``) also refuses a Python config, naming ``lazy_train``.
+    (``lazy_train`` takes yaml too: the ``config.yaml`` a LazyConfig run saves.)
+    """
+    if not os.path.isfile(path):
+        rel = str(path).replace("\\", "/")
+        while rel.startswith("./"):
+            rel = rel[2:]
+        rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+        names = list_config_files()
+        if rel not in names:
+            closest = nearest_first(rel, names)[:5]
+            raise ConfigError(
+                f"Config file {path!r} does not exist (relative to {os.getcwd()}) and is no config shipped with "
+                f"d2_backbones. Closest shipped configs: {', '.join(closest)} (paths relative to configs/, "
+                f"accepted from any directory). Fix: correct the path.")
+        path = get_config_file(rel)
+    if yacs and path.endswith(".py"):
+        raise ConfigError(
+            f"Config file {path} is a Python (LazyConfig) config; train_net reads yaml configs. Fix: train it "
+            f"with python -m d2_backbones.lazy_train --config-file {path} [key=value ...], or pass a .yaml config.")
+    return path

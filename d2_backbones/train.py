@@ -45,6 +45,7 @@ from .data import register_coco_datasets, register_used_shapes
 from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
 from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
+from .model_zoo import resolve_config_file
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
            "AtomicCheckpointer", "ddp_any_device"]
@@ -162,6 +163,7 @@ def setup(args):
     cfg = get_cfg()
     add_config(cfg)
     if args.config_file:
+        args.config_file = resolve_config_file(args.config_file, yacs=True)  # default_setup logs and copies it
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     # our logger first: the datasets' checks on arrival log their warnings through it

@@ -347,6 +347,29 @@ def test_python_configs_take_the_network_from_their_familys_common_py():
                 assert list(cfg.model[k]) == list(v), (path, k)
 
 
+@pytest.mark.parametrize("rel,fix", [("VoVNet/common.py", "common.py holds what the Python configs beside it share"),
+                                     ("VoVNet/mask_rcnn_V_39_eSE_FPN_3x.yaml", "it is a yaml config: train it with "
+                                                                               "python -m d2_backbones.train_net")])
+def test_lazy_train_refuses_a_file_that_is_not_a_training_config(rel, fix, tmp_path, monkeypatch):
+    """Also: from a directory without configs/, the README's relative path finds the shipped file."""
+    from d2_backbones import get_config_file
+    from d2_backbones.lazy_train import setup
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = Namespace(config_file="configs/" + rel, opts=["train.device=cpu",
+                     f"train.output_dir={tmp_path}"], resume=False, eval_only=False, num_gpus=1, num_machines=1,
+                     machine_rank=0, dist_url="auto", register_coco=[], num_classes=None, skip_image_check=False)
+    with pytest.raises(ConfigError) as e:
+        setup(args)
+    msg = str(e.value)
+    assert args.config_file == get_config_file(rel)
+    assert f"Config file {args.config_file} is not a training config: it has no model, dataloader, optimizer, " \
+           f"lr_multiplier, train" in msg and fix in msg, msg
+    assert "retinanet_V_39_eSE_FPN_3x.py" in msg and "common.py," not in msg, msg
+    assert os.listdir(tmp_path) == ["cwd"] and not os.listdir(tmp_path / "cwd")  # refused before any output
+
+
 def test_python_configs_do_not_import_model_zoo():
     """No config (nor the package) imports detectron2.model_zoo, which needs pkg_resources."""
     for path in glob.glob(os.path.join(CONFIG_DIR, "**", "*.py"), recursive=True) + [

@@ -223,6 +223,27 @@ def test_retinanet_class_key_is_checked(data_root, monkeypatch):
         check_num_classes(cfg)
 
 
+def test_config_file_paths_resolve_from_any_directory_or_name_the_closest(data_root, tmp_path, monkeypatch):
+    """Outside the checkout the README's ``configs/...`` paths find the shipped configs; a wrong path lists the
+    closest shipped names; a Python config names lazy_train. All before anything is built."""
+    import d2_backbones
+
+    monkeypatch.setenv("D2B_DATASETS", data_root)
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    rel = "quickstart/faster_rcnn_R_18_FPN_shapes.yaml"
+    args = argument_parser().parse_args(["--config-file", "configs/" + rel, "OUTPUT_DIR", str(tmp_path / "a")])
+    assert setup(args).SOLVER.MAX_ITER == 600
+    assert args.config_file == d2_backbones.get_config_file(rel)
+    with pytest.raises(ConfigError, match=r"Config file 'configs/quickstart/faster_rcnn_R_18_FPN_shape.yaml' does "
+                                          r"not exist \(relative to .*\) and is no config shipped with d2_backbones. "
+                                          r"Closest shipped configs: quickstart/faster_rcnn_R_18_FPN_shapes.yaml"):
+        setup(argument_parser().parse_args(["--config-file", "configs/quickstart/faster_rcnn_R_18_FPN_shape.yaml"]))
+    with pytest.raises(ConfigError, match=r"is a Python \(LazyConfig\) config; train_net reads yaml configs. Fix: "
+                                          r"train it with python -m d2_backbones.lazy_train --config-file"):
+        setup(argument_parser().parse_args(["--config-file", "GhostNet/fcos_ghostnet_100_FPN_1x.py"]))
+    assert not (tmp_path / "output").exists()
+
+
 def test_amp_on_cpu_is_explained_at_start(data_root, tmp_path, monkeypatch):
     """detectron2's AMPTrainer would stop at its first step; setup names both keys and the bf16 route."""
     monkeypatch.setenv("D2B_DATASETS", data_root)
