@@ -45,7 +45,7 @@ from detectron2.utils.logger import setup_logger
 from .errors import ConfigError
 from .model_zoo import resolve_config_file
 from .lazy import class_count_keys, instantiate_model
-from .train import argument_parser, ddp_any_device, register_coco_datasets
+from .train import argument_parser, ddp_any_device, num_classes_override, register_coco_datasets
 from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
 
 __all__ = ["check_overrides", "setup", "build_model", "build_trainer", "CPUAutocastTrainer", "do_test", "do_train",
@@ -119,11 +119,8 @@ def _check_device(cfg) -> None:
 def _check_classes(cfg, mode: Optional[str]) -> None:
     """The model's class count against the datasets' ``thing_classes`` (or set it: ``auto`` / an int)."""
     keys = class_count_keys(cfg)
-    if mode not in (None, "auto"):
-        try:
-            n = int(mode)
-        except ValueError:
-            raise ConfigError(f"--num-classes={mode!r} must be 'auto' or an int.") from None
+    n = num_classes_override(mode)
+    if n is not None:
         for k in keys:
             LazyConfig.apply_overrides(cfg, [f"{k}={n}"])
     classes = {}

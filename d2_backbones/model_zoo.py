@@ -46,6 +46,15 @@ def list_config_files() -> List[str]:
     return sorted(names)
 
 
+def _config_name(path: str) -> str:
+    """A config name from a path as users write it: ``./configs/X``, ``configs/X``, ``/X`` -> ``X``."""
+    rel = str(path).replace("\\", "/")
+    while rel.startswith("./"):
+        rel = rel[2:]
+    rel = rel.lstrip("/")
+    return rel[len("configs/"):] if rel.startswith("configs/") else rel
+
+
 def get_config_file(name: str) -> str:
     """Absolute path of the shipped config ``name`` (relative to ``configs/``, e.g. ``"GhostNet/..."``).
 
@@ -57,9 +66,7 @@ def get_config_file(name: str) -> str:
         >>> os.path.basename(get_config_file("VoVNet/faster_rcnn_V_39_eSE_FPN_3x.yaml"))
         'faster_rcnn_V_39_eSE_FPN_3x.yaml'
     """
-    rel = str(name).replace("\\", "/").lstrip("/")
-    if rel.startswith("configs/"):
-        rel = rel[len("configs/"):]
+    rel = _config_name(name)
     names = list_config_files()
     if rel not in names:
         closest = nearest_first(rel, names)[:5]
@@ -79,10 +86,7 @@ def resolve_config_file(path: str, yacs: bool) -> str:
     (``lazy_train`` takes yaml too: the ``config.yaml`` a LazyConfig run saves.)
     """
     if not os.path.isfile(path):
-        rel = str(path).replace("\\", "/")
-        while rel.startswith("./"):
-            rel = rel[2:]
-        rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+        rel = _config_name(path)
         names = list_config_files()
         if rel not in names:
             closest = nearest_first(rel, names)[:5]

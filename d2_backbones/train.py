@@ -106,16 +106,23 @@ def _dataset_classes(names: Sequence[str]) -> Dict[str, List[str]]:
     return out
 
 
+def num_classes_override(mode: Optional[str]) -> Optional[int]:
+    """The class count ``--num-classes N`` forces (``None`` for no flag and for ``auto``)."""
+    if mode in (None, "auto"):
+        return None
+    try:
+        return int(mode)
+    except ValueError:
+        raise ConfigError(f"--num-classes={mode!r} must be 'auto' or an int.") from None
+
+
 def check_num_classes(cfg, mode: Optional[str] = None) -> None:
     """Check (or with ``mode='auto'``/an int, set) the heads' NUM_CLASSES against the datasets."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     classes = _dataset_classes(names)
     keys = _head_class_keys(cfg)
-    if mode not in (None, "auto"):
-        try:
-            n = int(mode)
-        except ValueError:
-            raise ConfigError(f"--num-classes={mode!r} must be 'auto' or an int.") from None
+    n = num_classes_override(mode)
+    if n is not None:
         for k in keys:
             cfg.merge_from_list([k, n])
     counts = {n: len(c) for n, c in classes.items()}
