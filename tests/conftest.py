@@ -1,6 +1,8 @@
 """Shared test helpers. Everything runs on CPU against the real detectron2 (no mocks, no downloads)."""
+import contextlib
 import copy
 import glob
+import logging
 import math
 import os
 import sys
@@ -146,3 +148,37 @@ def assert_same_outputs(eager: nn.Module, x: torch.Tensor, *, channels_last: boo
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------- logs
+LOAD_LOGGERS = ("fvcore.common.checkpoint", "detectron2", "d2_backbones")  # where loading and its checks log
+
+
+@contextlib.contextmanager
+def captured_logs(names=LOAD_LOGGERS):
+    """Records of these loggers at INFO and above, whatever an earlier ``setup()`` did to their propagation."""
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def warnings_in(records):
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def summary(records):
+    """The one ``Weights loading summary:`` line of a load."""
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("Weights loading summary:")]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -8,7 +8,6 @@ import contextlib
 import glob
 import io
 import json
-import logging
 import os
 import pickle
 import random
@@ -35,7 +34,7 @@ from d2_backbones.shapes import make_shapes
 from d2_backbones.train import argument_parser, setup
 from d2_backbones.weights import UnsafeCheckpointError, state_nbytes
 
-from conftest import CONFIG_DIR, REPO, load_cfg
+from conftest import CONFIG_DIR, REPO, captured_logs, load_cfg, summary, warnings_in
 
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 QUICK = os.path.join(CONFIG_DIR, "quickstart", "faster_rcnn_R_18_FPN_shapes.yaml")
@@ -44,7 +43,6 @@ VOVNET_39 = os.path.join(CONFIG_DIR, "VoVNet", "faster_rcnn_V_39_eSE_FPN_3x.yaml
 # train only, small batches, no optimized copy of the model for the (empty) final evaluation
 SHORT = ["TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", 2, "TEST.OPTIMIZE_FOR_INFERENCE", False]
 KILL_ENV = "D2B_TEST_SIGKILL_WRITING"  # weights/write.py: the process SIGKILLs itself halfway through that file
-LOAD_LOGGERS = ("fvcore.common.checkpoint", "detectron2", "d2_backbones")  # where loading and its checks log
 # a WARNING of the loading side in a train_net log (detectron2's others, e.g. about SOLVER.STEPS, do not count)
 LOAD_WARNING = re.compile(r"^WARNING \[[^\]]* (fvcore\.common\.checkpoint|d2\.checkpoint\S*|d2b\S*|d2_backbones\S*)\]",
                           re.MULTILINE)
@@ -152,35 +150,6 @@ def removal_lines(log):
 
 
 # ---------------------------------------------------------------------------------------------- loading in process
-@contextlib.contextmanager
-def captured_logs(names=LOAD_LOGGERS):
-    """Records of these loggers at INFO and above, whatever an earlier ``setup()`` did to their propagation."""
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-
-
-def warnings_in(records):
-    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-
-
-def summary(records):
-    lines = [r.getMessage() for r in records if r.getMessage().startswith("Weights loading summary:")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def assert_loads_cleanly(cfg, path):
     """``Checkpointer(model, cfg=cfg).load(path)`` raises nothing, logs no WARNING and loads the whole backbone."""
     model = build_model(cfg)
@@ -383,7 +352,7 @@ def test_model_zoo_files_of_numpy_arrays_still_load(tmp_path, layout, saved):
         with open(path, "wb") as f:
             pickle.dump(data, f, protocol=int(saved.split()[-1]))
     with captured_logs() as logs:
-        Checkpointer(model).load(path)
+        Checkpointer(model, weights_check="warn").load(path)  # 4 tensors: a partial file loads only with 'warn'
     state = model.state_dict()
     for name, array in arrays.items():
         assert torch.equal(state[name], torch.from_numpy(array)), name
@@ -393,11 +362,12 @@ def test_model_zoo_files_of_numpy_arrays_still_load(tmp_path, layout, saved):
 
 # ============================================================================================== 2. divergence
 def fine_tune_at_lr_1e6(out, checkpoint_period, data_root):
-    """From a run's model_final.pth into the same OUTPUT_DIR at SOLVER.BASE_LR 1e6 (no warmup): the first step
-    stays finite, the second overflows. Returns the failed run's last line of stderr."""
+    """From a run's model_final.pth into the same OUTPUT_DIR (--overwrite: the run moves to previous_run_*/, the
+    weights are read from there) at SOLVER.BASE_LR 1e6 (no warmup): the first step stays finite, the second
+    overflows. Returns the failed run's last line of stderr."""
     p = train_net(out, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "SOLVER.MAX_ITER", 6,
                   "SOLVER.BASE_LR", 1e6, "SOLVER.WARMUP_ITERS", 0, "SOLVER.CHECKPOINT_PERIOD", checkpoint_period,
-                  data_root=data_root, check=False)
+                  data_root=data_root, check=False, flags=["--overwrite"])
     assert p.returncode != 0
     error = last_line(p.stderr)
     assert error.startswith("FloatingPointError: Training diverged:"), p.stderr[-3000:]
@@ -411,13 +381,16 @@ def test_divergence_tags_no_non_finite_checkpoint_and_resume_finishes(trained, d
     out = copy_of(trained, tmp_path)
     assert tag(out) == "model_final.pth"
     error = fine_tune_at_lr_1e6(out, 2, data_root)  # the save after the overflowing step (iteration 1) is refused
-    assert "model_0000001.pth was not written" in error
-    assert tag(out) == "model_final.pth" and "model_final.pth (last_checkpoint names it)" in error
-    assert {name: non_finite(os.path.join(out, name)) for name in checkpoints(out)} == {
+    assert "model_0000001.pth was not written. The last complete checkpoint is none" in error
+    assert tag(out) is None and checkpoints(out) == []  # nothing non-finite written or tagged
+    (previous,) = glob.glob(os.path.join(out, "previous_run_*"))  # the run it started from: moved, untouched
+    assert tag(previous) == "model_final.pth"
+    assert {name: non_finite(os.path.join(previous, name)) for name in checkpoints(previous)} == {
         name: [] for name in ["model_0000000.pth", "model_0000001.pth", "model_final.pth"]}
-    r = train_net(out, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1, data_root=data_root, flags=["--resume"])
+    r = train_net(previous, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1, data_root=data_root,
+                  flags=["--resume"])
     assert "-> model_final.pth; resuming at iter 2" in r.log
-    final = os.path.join(out, "model_final.pth")
+    final = os.path.join(previous, "model_final.pth")
     assert read(final)["iteration"] == 2 and non_finite(final) == []
 
 
@@ -426,9 +399,11 @@ def test_divergence_caught_by_the_loss_check_names_the_last_checkpoint(trained, 
     """Divergence caught by detectron2's own NaN check (no save in between): the error names checkpoint and fix."""
     out = copy_of(trained, tmp_path)
     error = fine_tune_at_lr_1e6(out, 100, data_root)  # no save before detectron2 sees the NaN
-    assert f"The last complete checkpoint is {os.path.join(out, 'model_final.pth')}" in error
-    assert tag(out) == "model_final.pth" and checkpoints(out) == checkpoints(trained)
-    assert all(non_finite(os.path.join(out, name)) == [] for name in checkpoints(out))
+    assert "The last complete checkpoint is none (no checkpoint was written before the divergence)" in error
+    assert tag(out) is None and checkpoints(out) == []
+    (previous,) = glob.glob(os.path.join(out, "previous_run_*"))  # the run it started from: moved, untouched
+    assert tag(previous) == "model_final.pth" and checkpoints(previous) == checkpoints(trained)
+    assert all(non_finite(os.path.join(previous, name)) == [] for name in checkpoints(previous))
 
 
 @pytest.mark.slow

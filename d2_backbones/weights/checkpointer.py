@@ -8,11 +8,19 @@ files and ``?matching_heuristics=True`` keep working) with these guarantees:
   (numpy arrays and plain containers only), every other file through ``torch.load(...,
   weights_only=True)`` (:mod:`d2_backbones.weights.read`). detectron2 itself reads ``.pkl``
   with plain ``pickle``.
-* **Wrong weights stop the load.** The checks of :mod:`d2_backbones.weights.checks` run on
-  every load; with ``cfg`` the file's metadata is compared with the config too. Files written
-  by the converter load into a backbone without an FPN as well (their ``backbone.bottom_up.``
-  prefix becomes ``backbone.``).
-* **An honest summary**: one line per top-level module, parameters and buffers apart.
+* **Wrong weights stop the load, before anything is loaded.** The checks of
+  :mod:`d2_backbones.weights.checks` run on every load (train, ``--resume``, ``--eval-only``, the
+  predictors, lazy_train, export): a file holding bottom-up tensors must give every parameter and
+  buffer of the model's bottom-up network, and the model must use all of them; with ``cfg`` a
+  converted file's metadata is compared with the config too. detectron2's name matching of
+  ``.pkl``/``.pyth`` files runs first, so the rule sees the final names. ``MODEL.WEIGHTS_CHECK warn``
+  (``weights_check="warn"``) loads what fits with one WARNING and sets :attr:`Checkpointer.incomplete_load`.
+  Files written by the converter load into a backbone without an FPN as well (their
+  ``backbone.bottom_up.`` prefix becomes ``backbone.``).
+* **An honest summary**: one line per top-level module, parameters and buffers apart; only what
+  the file held counts as loaded (FrozenBN's filled-in running statistics do not).
+* **File kinds**: a directory, a FIFO or a device given as weights is named as such (from ``stat``,
+  never opened); a ``torch.save`` archive named ``.pkl`` is read as a ``.pth``.
 * **Atomic, permission-correct files.** fvcore's own ``save`` / ``tag_last_checkpoint`` run
   unchanged through an :class:`~d2_backbones.weights.write.AtomicPathManager` that wraps
   detectron2's ``PathManager`` (non-local paths go to it untouched).
@@ -34,18 +42,23 @@ import errno
 import os
 import re
 import shutil
-from typing import Any, Dict, Optional
+import zipfile
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts, convert_c2_detectron_names
 from detectron2.engine import hooks
+from fvcore.common.checkpoint import _strip_prefix_if_present
 
-from .checks import (check_missing_backbone, check_shape_skips, check_weights_metadata, count_non_finite,
-                     load_summary)
-from .formats import METADATA_KEY, PREFIX, listing
-from .read import load_file
+from .checks import (WeightsMismatchError, bottom_up_units, check_bottom_up, check_missing_backbone,
+                     check_shape_skips, check_weights_metadata, check_weights_policy, compare_bottom_up,
+                     count_non_finite, family_of_backbone_name, load_summary)
+from .formats import METADATA_KEY, PREFIX, detect_format, listing
+from .read import check_file_kind, load_file
 from .write import AtomicPathManager, remove_stale_temporaries
 
 __all__ = ["Checkpointer", "PeriodicCheckpointer", "NonFiniteCheckpointError", "CheckpointWriteError",
@@ -78,6 +91,10 @@ class Checkpointer(DetectionCheckpointer):
         model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
         cfg: the config the model was built from (optional). With it the metadata of converted
             files is compared with the config and ``MODEL.WEIGHTS_CHECK`` is honoured.
+        weights_check: ``"error"`` (default) or ``"warn"``; overrides ``MODEL.WEIGHTS_CHECK`` (lazy_train passes
+            ``train.weights_check``).
+
+    After a load, :attr:`incomplete_load` is None, or (``warn`` only) a short line saying what did not load.
 
     Example::
 
@@ -94,10 +111,14 @@ class Checkpointer(DetectionCheckpointer):
     """
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, cfg=None,
-                 **checkpointables):
+                 weights_check: Optional[str] = None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.path_manager = AtomicPathManager(self.path_manager)
         self.cfg = cfg
+        self.weights_check = self._checked_policy(weights_check)
+        self.incomplete_load: Optional[str] = None
+        self._loading: Optional[str] = None
+        self._resuming = False
 
     # ------------------------------------------------------------------------------------------ saving
     def last_complete(self) -> Optional[str]:
@@ -151,9 +172,37 @@ class Checkpointer(DetectionCheckpointer):
                                 f"SOLVER.MAX_TO_KEEP / OUTPUT_DIR elsewhere.")
 
     # ------------------------------------------------------------------------------------------ loading
+    def _checked_policy(self, weights_check: Optional[str]) -> str:
+        if weights_check is not None:
+            key, value = "weights_check (train.weights_check in a Python config)", weights_check
+        else:
+            value = getattr(getattr(self.cfg, "MODEL", None), "WEIGHTS_CHECK", "error") if self.cfg is not None \
+                else "error"
+            key = "MODEL.WEIGHTS_CHECK"
+        return check_weights_policy(value, key)
+
+    def load(self, path: str, *args, **kwargs):
+        """detectron2's ``load``; a local path that is not a regular file is refused first, naming what it is."""
+        if path:
+            local = urlparse(path)._replace(query="").geturl()
+            if "://" not in local and os.path.lexists(local):
+                check_file_kind(local)
+        return super().load(path, *args, **kwargs)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """detectron2's; the load checks know when the file is OUTPUT_DIR's last checkpoint (their fix differs)."""
+        self._resuming = bool(resume and self.has_checkpoint())
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._resuming = False
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._loading = filename
         if filename.endswith(".pkl"):
             data = load_file(filename)
+            if zipfile.is_zipfile(filename):  # a torch.save archive named .pkl (e.g. a renamed model_final.pth)
+                return data if isinstance(data, dict) and "model" in data else {"model": data}
             if not isinstance(data, dict):
                 raise ValueError(f"{filename}: holds a {type(data).__name__}, not a detectron2/Detectron checkpoint.")
             if "model" in data and "__author__" in data:  # detectron2 model-zoo format
@@ -178,12 +227,63 @@ class Checkpointer(DetectionCheckpointer):
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def _policy(self) -> str:
+        return self.weights_check
+
+    def _match_names(self, checkpoint: Dict[str, Any], model_state) -> List[Tuple[str, Tuple[int, ...]]]:
+        """detectron2's name matching (Caffe2 renaming, then suffix matching), done before the checks so that they
+        see the final names; returns the file tensors it dropped for another shape. Unmatched file tensors keep
+        their (renamed) name; those that look like bottom-up ones get the model's bottom-up prefix."""
+        state = checkpoint["model"]
+        self._convert_ndarray_to_tensor(state)
+        if checkpoint.get("__author__") == "Caffe2":
+            state, _ = convert_c2_detectron_names(state)
+        aligned = align_and_update_state_dicts(model_state, state, c2_conversion=False)
+        checkpoint["matching_heuristics"] = False  # done: detectron2's _load_model must not match again
+        used = {id(v) for v in aligned.values()}
+        prefix = PREFIX if any(k.startswith(PREFIX) for k in model_state) else "backbone."
+        tops = {k[len(prefix):].split(".")[0] for k in model_state if k.startswith(prefix)}
+        stage = re.compile(r"^(stem|(res|stage)\d+)$")
+
+        def bottom_up(k: str) -> bool:
+            return k.split(".")[0] in tops or bool(stage.match(k.split(".")[0]))
+
+        out = {}
+        for k, v in aligned.items():
+            out[prefix + k if k not in model_state and bottom_up(k) else k] = v
+        checkpoint["model"] = out
+        return [(prefix + k, tuple(v.shape)) for k, v in state.items() if id(v) not in used and bottom_up(k)]
+
+    def _out_features_key(self) -> str:
+        name = getattr(getattr(getattr(self.cfg, "MODEL", None), "BACKBONE", None), "NAME", None)
+        family = family_of_backbone_name(name) if isinstance(name, str) else None
+        if family is None:
+            return "OUT_FEATURES (MODEL.<FAMILY>.OUT_FEATURES in a yaml config, out_features in a Python config)"
+        from ..families import FAMILIES
+
+        return f"{FAMILIES[family].config_node}.OUT_FEATURES"
+
+    def _fits_nothing(self, state: Dict[str, Any], model_state) -> None:
+        """A file of tensors none of which has a name of the model (e.g. torchvision's resnet50.pth given as it is)."""
+        tensors = [k for k, v in state.items() if hasattr(v, "shape")]
+        if not tensors or any(k in model_state for k in tensors):
+            return
         try:
-            return str(self.cfg.MODEL.WEIGHTS_CHECK) if self.cfg is not None else "error"
-        except AttributeError:
-            return "error"
+            fmt = f" Its keys look like the {detect_format(state)!r} format."
+        except Exception:
+            fmt = ""
+        msg = (f"{self._loading}: none of its {len(tensors)} tensors has a name of this model (first: "
+               f"{listing(tensors, 3)}; the model's: {listing(list(model_state), 2)}), so nothing would load.{fmt} "
+               f"Fix: convert weights of another code base with python -m d2_backbones.convert SRC DST and load DST, "
+               f"or give a checkpoint of this model.")
+        if self._policy() == "warn":
+            self.logger.warning(msg + " Weights check 'warn': loading nothing.")
+            self.incomplete_load = f"nothing loaded from {os.path.basename(str(self._loading))}"
+            return
+        raise WeightsMismatchError(msg + " MODEL.WEIGHTS_CHECK warn (lazy_train: train.weights_check=warn) "
+                                         "goes on without them.")
 
     def _load_model(self, checkpoint: Dict[str, Any]):
+        self.incomplete_load = None
         metadata = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
         model_state = self._bare().state_dict()
         keys = list(model_state)
@@ -193,15 +293,32 @@ class Checkpointer(DetectionCheckpointer):
                                    for k, v in checkpoint["model"].items()}
         if self.cfg is not None and metadata:
             check_weights_metadata(self.cfg, metadata, log=self.logger, policy=self._policy())
-        file_keys = [k for k in checkpoint.get("model", {}) if k in model_state]
+        skipped_by_matching = []
+        if checkpoint.get("matching_heuristics", False):
+            skipped_by_matching = self._match_names(checkpoint, model_state)
+        state = checkpoint.get("model", {})
+        self._convert_ndarray_to_tensor(state)
+        _strip_prefix_if_present(state, "module.")  # as fvcore does below (a DDP-wrapped model's file)
+        self._fits_nothing(state, model_state)
+        # the checks, before anything is loaded
+        shapes = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
+                  if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
+        skipped = {k for k, *_ in shapes}
+        file_keys = [k for k in state if k in model_state]
+        check_shape_skips(keys, shapes, metadata, loaded_keys=file_keys, log=self.logger, policy=self._policy())
+        check_missing_backbone(keys, [k for k in keys if k not in state], metadata, log=self.logger,
+                               policy=self._policy())
+        bottom_up = compare_bottom_up(model_state, state, shape_skipped=skipped_by_matching)
+        units = bottom_up_units(self._bare(), bottom_up.prefix) if bottom_up is not None else []
+        self.incomplete_load = check_bottom_up(
+            bottom_up, source=str(self._loading), units=units, file_state=state, policy=self._policy(),
+            log=self.logger, resuming=self._resuming, out_features_key=self._out_features_key()
+        ) or self.incomplete_load
         incompatible = super()._load_model(checkpoint)
         params = {k for k, _ in self._bare().named_parameters()}
-        not_loaded = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+        # only what the file held counts (FrozenBN fills missing running statistics without a word)
+        not_loaded = {k for k in keys if k not in state} | skipped
         self.logger.info(f"Weights loading summary: {load_summary(keys, params, not_loaded)}")
-        check_shape_skips(keys, incompatible.incorrect_shapes, metadata, loaded_keys=file_keys)
-        skipped = {k for k, *_ in incompatible.incorrect_shapes}
-        check_missing_backbone(keys, [k for k in incompatible.missing_keys if k not in skipped], metadata,
-                               log=self.logger, policy=self._policy())
         return incompatible
 
     def _log_incompatible_keys(self, incompatible) -> None:
@@ -232,30 +349,53 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     fvcore prunes from a list kept in memory, so every resume leaves the older files behind;
     here after each periodic save the ``<prefix>_NNNNNNN.pth`` files in the directory are listed
-    and all but the newest ``max_to_keep`` removed (``model_final.pth`` / ``model_best.pth``
-    are never touched).
+    and all but the newest ``max_to_keep`` removed. ``max_to_keep`` ``None``, ``0`` or ``-1`` keeps
+    them all; other negatives are refused (:func:`d2_backbones.rundir.check_max_to_keep`).
+
+    Pruning only removes files of this run's series: files of iterations up to the one just
+    saved, never the file ``last_checkpoint`` names, nor one of a later iteration or written
+    after it (``model_final.pth`` / ``model_best.pth`` are never touched).
     """
 
     def __init__(self, checkpointer, period: int, max_iter: Optional[int] = None, max_to_keep: Optional[int] = None,
                  file_prefix: str = "model"):
+        from ..rundir import check_max_to_keep
+
         super().__init__(checkpointer, period, max_iter=max_iter, max_to_keep=None, file_prefix=file_prefix)
-        self.keep = max_to_keep
+        self.keep = check_max_to_keep(max_to_keep, "max_to_keep")
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         super().step(iteration, **kwargs)
-        if self.keep and (iteration + 1) % self.period == 0:
-            self.prune()
+        if self.keep and (int(iteration) + 1) % self.period == 0:
+            self.prune(int(iteration))
 
-    def prune(self) -> None:
+    def prune(self, iteration: Optional[int] = None) -> None:
+        """Remove all but the newest ``max_to_keep`` periodic files up to ``iteration`` (default: all on disk)."""
         cp = self.checkpointer
-        if not cp.save_dir or not cp.save_to_disk:
+        if not cp.save_dir or not cp.save_to_disk or not self.keep:
             return
         found = []
         for name in cp.path_manager.ls(cp.save_dir):
             m = _PERIODIC.match(os.path.basename(name))
             if m and m.group("prefix") == self.file_prefix:
                 found.append((int(m.group("iter")), os.path.basename(name)))
-        for _, name in sorted(found)[:-self.keep]:
+        series = sorted(f for f in found if iteration is None or f[0] <= iteration)
+        tagged = cp.last_complete() if hasattr(cp, "last_complete") else None
+        m = _PERIODIC.match(tagged or "")
+        tagged_iter = int(m.group("iter")) if m and m.group("prefix") == self.file_prefix else None
+        tagged_mtime = self._mtime(os.path.join(cp.save_dir, tagged)) if tagged else None
+        for it, name in series[:-self.keep]:
             path = os.path.join(cp.save_dir, name)
+            mtime = self._mtime(path)
+            if (name == tagged or (tagged_iter is not None and it >= tagged_iter)
+                    or (tagged_mtime is not None and mtime is not None and mtime > tagged_mtime)):
+                continue
             if cp.path_manager.exists(path) and not path.endswith(f"{self.file_prefix}_final.pth"):
                 cp.path_manager.rm(path)
+
+    @staticmethod
+    def _mtime(path: str) -> Optional[int]:
+        try:
+            return os.stat(path).st_mtime_ns
+        except OSError:  # a non-local directory, or a file already gone
+            return None

@@ -14,6 +14,16 @@ At load time, in this order:
    stops the load even without a config.
 3. :func:`check_shape_skips` - for any file: when more than half of the backbone tensors it
    has were skipped for another shape, the checkpoint is for another depth/width/variant.
+4. :func:`compare_bottom_up` + :func:`check_bottom_up` - for any file (a detector checkpoint of
+   train_net/detectron2, a ``.pkl`` after detectron2's name matching, a converted file): when the
+   file holds tensors of the bottom-up network (``backbone.bottom_up.*``, ``backbone.*`` without an
+   FPN), every parameter and buffer of the model's bottom-up network must be in it with the same
+   shape and every bottom-up tensor of the file must be used. Otherwise one
+   :class:`WeightsMismatchError` gives the counts, the first keys, the likely cause (another depth,
+   another family, other ``OUT_FEATURES``) and the fix. Tensors that weights of the plain network
+   lack by design (:data:`OPTIONAL_KINDS`: deformable-conv offsets, GC/SE plugins, running statistics
+   of affine-only weights) stay initialised when the file holds none of their kind (one INFO line).
+   Heads and the FPN are not checked (another class count is ordinary fine-tuning).
 
 At save time :func:`count_non_finite` finds NaN/Inf in a model's state (one pass, see the
 README for its cost), so that training never writes or tags a diverged state.
@@ -28,7 +38,8 @@ Example::
 """
 import logging
 import re
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -36,7 +47,9 @@ from .formats import EFFECTIVE_CONFIG_VALUE, METADATA_KEY, PREFIX, PREPROCESSING
 from .read import CheckpointReadError, load_file
 
 __all__ = ["WeightsMismatchError", "check_weights_metadata", "check_missing_backbone", "check_shape_skips",
-           "count_non_finite", "load_summary", "overrides_string", "family_of_backbone_name"]
+           "count_non_finite", "load_summary", "overrides_string", "family_of_backbone_name", "BottomUpLoad",
+           "compare_bottom_up", "check_bottom_up", "bottom_up_units", "OPTIONAL_KINDS", "WEIGHTS_CHECK_POLICIES",
+           "check_weights_policy"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -48,6 +61,29 @@ _DETECTRON2_RESNET_BUILDERS = ("build_resnet_backbone", "build_resnet_fpn_backbo
 
 class WeightsMismatchError(ValueError):
     """Weights made for another architecture than the model (depth, width, variant, eSE placement, ...)."""
+
+
+# MODEL.WEIGHTS_CHECK (yaml) / train.weights_check (LazyConfig): "error" stops a load that does not fit, "warn"
+# loads what fits and says what did not.
+WEIGHTS_CHECK_POLICIES = ("error", "warn")
+
+
+def check_weights_policy(value: Any, key: str = "MODEL.WEIGHTS_CHECK") -> str:
+    """``value`` if it is one of :data:`WEIGHTS_CHECK_POLICIES`; else a ``ConfigError`` naming ``key``. The trainers
+    call it in their setup (before anything is built), the :class:`~d2_backbones.weights.Checkpointer` when built.
+
+    >>> check_weights_policy("skip", "train.weights_check")
+    Traceback (most recent call last):
+      ...
+    d2_backbones.errors.ConfigError: train.weights_check='skip' is not one of 'error', 'warn': 'error' stops a load whose weights do not fit the backbone, 'warn' loads what fits with a warning. Fix: set it to 'error' (default) or 'warn'.
+    """
+    from ..errors import ConfigError
+
+    if value not in WEIGHTS_CHECK_POLICIES:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, WEIGHTS_CHECK_POLICIES))}: 'error' "
+                          f"stops a load whose weights do not fit the backbone, 'warn' loads what fits with a "
+                          f"warning. Fix: set it to 'error' (default) or 'warn'.")
+    return str(value)
 
 
 def family_of_backbone_name(name: str) -> Optional[str]:
@@ -211,7 +247,8 @@ def check_missing_backbone(model_keys: Sequence[str], missing_keys: Iterable[str
 
 
 def check_shape_skips(model_keys: Sequence[str], incorrect_shapes: Sequence, metadata: Optional[Mapping] = None,
-                      loaded_keys: Optional[Sequence[str]] = None) -> None:
+                      loaded_keys: Optional[Sequence[str]] = None, log: Optional[logging.Logger] = None,
+                      policy: str = "error") -> None:
     """Raise :class:`WeightsMismatchError` when most backbone tensors were skipped for a shape mismatch.
 
     Counts the checkpoint's tensors that have a name in the model's backbone (``backbone.bottom_up.*``,
@@ -235,7 +272,212 @@ def check_shape_skips(model_keys: Sequence[str], incorrect_shapes: Sequence, met
     else:
         msg += (" Fix: set the family keys to the checkpoint's architecture (e.g. MODEL.RESNETS.DEPTH, "
                 "MODEL.VOVNET.CONV_BODY, MODEL.GHOSTNET.WIDTH), or convert it with python -m d2_backbones.convert.")
+    if policy == "warn":
+        (log or logger).warning(msg + " (MODEL.WEIGHTS_CHECK warn: loading anyway)")
+        return
     raise WeightsMismatchError(msg)
+
+
+# Tensors a model may have that weights of the plain network lack by design. When the file holds no tensor of
+# a kind, the model's tensors of that kind keep their initialisation (one INFO line names them); when it holds
+# some, the others count as missing.
+OPTIONAL_KINDS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
+    ("deformable-conv offsets (conv2_offset, zero-initialised)", re.compile(r"\.conv2_offset\.")),
+    ("plugins (GC / SE blocks, after_convN)", re.compile(r"\.after_conv\d\.")),
+    ("norm running statistics (affine-only weights such as MSRA's .pkl: mean 0, variance 1)",
+     re.compile(r"\.running_(mean|var)$")),
+)
+
+
+def _ignored(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def _shape(t) -> Tuple[int, ...]:
+    return tuple(int(x) for x in getattr(t, "shape", ()))
+
+
+@dataclass
+class BottomUpLoad:
+    """What a file gives the model's bottom-up network (:func:`compare_bottom_up`); keys in the model's names."""
+    prefix: str                                 # "backbone.bottom_up." or "backbone."
+    model: List[str]                            # the model's bottom-up parameters and buffers
+    file: List[str]                             # the file's bottom-up tensors
+    loaded: List[str]                           # in both, same shape
+    missing: List[str]                          # the model's, not in the file (OPTIONAL_KINDS apart)
+    unexpected: List[str]                       # the file's, not in the model
+    shapes: List[Tuple[str, Tuple[int, ...], Optional[Tuple[int, ...]]]]  # (key, file shape, model shape)
+    initialised: Dict[str, List[str]] = field(default_factory=dict)  # OPTIONAL_KINDS name -> keys
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.shapes)
+
+    def short(self) -> str:
+        """``backbone.bottom_up: 53/104 tensors loaded (51 missing, 0 unexpected, 0 of another shape)``"""
+        return (f"{self.prefix.rstrip('.')}: {len(self.loaded)}/{len(self.model)} tensors loaded ({len(self.missing)} "
+                f"missing, {len(self.unexpected)} unexpected, {len(self.shapes)} of another shape)")
+
+
+def compare_bottom_up(model_state: Mapping[str, Any], file_state: Mapping[str, Any], *,
+                      shape_skipped: Sequence[Tuple[str, Tuple[int, ...]]] = ()) -> Optional[BottomUpLoad]:
+    """Compare a file's tensors (in the model's names) with the model's bottom-up network.
+
+    ``shape_skipped``: ``(key, shape)`` of file tensors that name matching already dropped for another shape.
+    None when the model has no backbone or the file holds no bottom-up tensor (ImageNet weights lack the FPN and
+    heads; an empty file loads nothing, as the summary says).
+    """
+    prefix = _backbone_prefix(model_state)
+    model = [k for k in model_state if k.startswith(prefix) and not _ignored(k)]
+    file = [k for k in file_state if k.startswith(prefix) and not _ignored(k)]
+    if not model or not (file or shape_skipped):
+        return None
+    in_model = set(model)
+    loaded, shapes = [], []
+    for k in file:
+        if k in in_model:
+            fs, ms = _shape(file_state[k]), _shape(model_state[k])
+            (loaded if fs == ms else shapes).append(k if fs == ms else (k, fs, ms))
+    shapes += [(k, tuple(fs), None) for k, fs in shape_skipped]
+    missing = [k for k in model if k not in file_state]
+    held = set(file) | {k for k, _ in shape_skipped}
+    initialised = {}
+    for name, pattern in OPTIONAL_KINDS:
+        if not any(pattern.search(k) for k in held):
+            kind = [k for k in missing if pattern.search(k)]
+            if kind:
+                initialised[name] = kind
+                missing = [k for k in missing if not pattern.search(k)]
+    return BottomUpLoad(prefix, model, file, loaded, missing, [k for k in file if k not in in_model], shapes,
+                        initialised)
+
+
+def bottom_up_units(model: Any, prefix: str) -> List[str]:
+    """Names (relative to ``prefix``) of the model's bottom-up units: the modules of its ``named_stages()``
+    (stem, each stage; GhostNet's ``blocks.N``), else its direct children."""
+    node = model
+    for part in prefix.rstrip(".").split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return []
+    names = {id(m): n for n, m in node.named_modules()}
+    if hasattr(node, "named_stages"):
+        try:
+            return [names[id(m)] for _, mods in node.named_stages() for m in mods if id(m) in names]
+        except Exception:  # an interface not quite followed: the children will do
+            pass
+    return [n for n, _ in node.named_children()]
+
+
+def _unit_of(rel: str, units: Sequence[str]) -> str:
+    for u in units:
+        if rel == u or rel.startswith(u + "."):
+            return u
+    parts = rel.split(".")
+    depth = max((u.count(".") + 1 for u in units if u.split(".")[0] == parts[0]), default=1)
+    return ".".join(parts[:min(depth, len(parts) - 1) or 1])
+
+
+def _describe_file(bare: Mapping[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``("a ResNet R-50 backbone", {"MODEL.RESNETS.DEPTH": 50})`` for bottom-up tensors in the package's
+    names, from the converter's architecture inference; None when it cannot tell."""
+    from .formats import (FORMATS, ConvertError, _infer_ghostnet, _infer_resnet, _infer_vovnet,
+                          _resnet_arch_name)
+
+    try:
+        if FORMATS["ghostnet"].detect(bare):
+            width = _infer_ghostnet(bare, None)
+            return f"a GhostNet width {width:g} backbone", {"MODEL.GHOSTNET.WIDTH": width}
+        if FORMATS["vovnet-d2"].detect(bare):
+            body, _ = _infer_vovnet(bare, None)
+            return f"a VoVNet {body} backbone", {"MODEL.VOVNET.CONV_BODY": body}
+        if any(re.match(r"^res[2-5]\.\d+\.", k) for k in bare):
+            v = _infer_resnet(bare)
+            return f"a ResNet {_resnet_arch_name(v)} backbone", {"MODEL.RESNETS.DEPTH": v["depth"]}
+    except (ConvertError, KeyError, IndexError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def _likely_cause(r: BottomUpLoad, units: Sequence[str], file_state: Mapping[str, Any],
+                  out_features_key: str) -> str:
+    rel = lambda k: k[len(r.prefix):]  # noqa: E731
+    file_keys = r.file + [k for k, _, m in r.shapes if m is None]
+    described = _describe_file({rel(k): file_state[k] for k in r.file if k in file_state})
+    holds = f" The file holds {described[0]} ({overrides_string(described[1])})." if described else ""
+    shared = len(r.loaded) + sum(m is not None for *_, m in r.shapes)
+    if shared <= 0.2 * min(len(r.model), len(file_keys)):
+        top = lambda keys: listing(sorted({rel(k).split(".")[0] for k in keys}), 6)  # noqa: E731
+        return (f"another backbone family or layout: almost no name is shared (the file's bottom-up modules: "
+                f"{top(file_keys)}; the model's: {top(r.model)}).{holds}")
+    for name, pattern in OPTIONAL_KINDS[:2]:
+        if r.unexpected and all(pattern.search(k) for k in r.unexpected) and not r.missing:
+            return f"the file has {name} that the model has not (MODEL.RESNETS.DEFORM_ON_PER_STAGE / PLUGINS)."
+    file_units = {_unit_of(rel(k), units) for k in file_keys}
+    model_units = {_unit_of(rel(k), units) for k in r.model}
+    if file_units != model_units:
+        only_file, only_model = sorted(file_units - model_units), sorted(model_units - file_units)
+        sides = "; ".join(s for s in (f"only in the file: {listing(only_file, 6)}" if only_file else "",
+                                      f"only in the model: {listing(only_model, 6)}" if only_model else "") if s)
+        return (f"other output features: whole stages are on one side only ({sides}). A backbone builds the stages "
+                f"up to its last output feature, so the file was made with another {out_features_key}.{holds}")
+
+    def blocks(keys, unit):
+        return {rel(k)[len(unit) + 1:].split(".")[0] for k in keys if rel(k).startswith(unit + ".")}
+
+    differ = [(u, len(blocks(file_keys, u)), len(blocks(r.model, u))) for u in units if u in model_units]
+    differ = [(u, f, m) for u, f, m in differ if f != m]
+    if differ:
+        shown = ", ".join(f"{u}: {f} in the file, {m} in the model" for u, f, m in differ)
+        return f"another depth: the same stages with other numbers of blocks ({shown}).{holds}"
+    if len(r.shapes) >= len(r.missing) + len(r.unexpected):
+        return f"another width or variant: the same names with other shapes.{holds}"
+    return f"another variant of the backbone (deep stem, avg-down, eSE placement, norm, ...).{holds}"
+
+
+def check_bottom_up(r: Optional[BottomUpLoad], *, source: str, units: Sequence[str] = (),
+                    file_state: Optional[Mapping[str, Any]] = None, policy: str = "error",
+                    log: Optional[logging.Logger] = None, resuming: bool = False,
+                    out_features_key: str = "OUT_FEATURES (MODEL.<FAMILY>.OUT_FEATURES, or out_features)"
+                    ) -> Optional[str]:
+    """The rule of the module docstring (4.) on :func:`compare_bottom_up`'s result.
+
+    Raises :class:`WeightsMismatchError` with one message; ``policy="warn"``: one WARNING instead, and the
+    returned :meth:`BottomUpLoad.short` says what did not load (None when everything did).
+    """
+    log = log or logger
+    if r is None:
+        return None
+    if r.initialised:
+        log.info("Not in the weights, initialised as intended: " + "; ".join(
+            f"{len(keys)} {name}" for name, keys in r.initialised.items()))
+    if r.complete:
+        return None
+    parts = []
+    if r.missing:
+        parts.append(f"{len(r.missing)} of the model's are not in the file (first: {listing(r.missing, 3)})")
+    if r.unexpected:
+        parts.append(f"{len(r.unexpected)} of the file's are not in the model (first: {listing(r.unexpected, 3)})")
+    if r.shapes:
+        shown = "; ".join(f"{k}: file {fs}" + (f" vs model {ms}" if ms is not None else " (skipped by name matching)")
+                          for k, fs, ms in r.shapes[:2])
+        parts.append(f"{len(r.shapes)} have another shape (first: {shown})")
+    cause = _likely_cause(r, units, file_state or {}, out_features_key)
+    where = r.prefix.rstrip(".")
+    if resuming:
+        fix = ("--resume loads the last checkpoint of OUTPUT_DIR, written with another config: restore that run's "
+               "settings (its config.yaml in OUTPUT_DIR), or train the new config in another OUTPUT_DIR.")
+    else:
+        fix = ("use the config the weights were made with (a train_net run writes config.yaml beside its "
+               "checkpoints), or weights made for this backbone.")
+    msg = (f"{source}: the weights do not fit the model's backbone ({where}): {len(r.loaded)}/{len(r.model)} of its "
+           f"parameters and buffers are in the file with the same shape; {'; '.join(parts)}. Likely cause: {cause} "
+           f"Fix: {fix}")
+    if policy == "warn":
+        log.warning(msg + " Weights check 'warn': loading what fits; the rest keeps its initialisation.")
+        return r.short()
+    raise WeightsMismatchError(msg + " To load what fits anyway (the rest keeps its initialisation): "
+                                     "MODEL.WEIGHTS_CHECK warn (lazy_train: train.weights_check=warn).")
 
 
 def count_non_finite(state: Mapping[str, Any]) -> List[str]:

@@ -15,6 +15,8 @@ writes, each atomically:
   weights need, for ``cfg.merge_from_file`` or ``_BASE_``.
 
 It prints what it wrote and dropped, and a paste-able override string (lists quoted for the shell).
+A file that loads as it is (a detector checkpoint written by train_net or detectron2, or a file this
+converter wrote) is refused with exit code 2, nothing written, and a message naming ``MODEL.WEIGHTS``.
 
 Example::
 
@@ -34,7 +36,7 @@ import torch
 import yaml
 
 from .checks import overrides_string
-from .formats import FORMATS, METADATA_KEY, ConvertError, convert_checkpoint, listing
+from .formats import FORMATS, METADATA_KEY, ConvertError, convert_checkpoint, detect_format, listing
 from .read import CheckpointReadError, load_file
 from .write import AtomicFile
 
@@ -91,6 +93,37 @@ def _read_source(path: str) -> Any:
 
 read_checkpoint = _read_source
 
+_DETECTRON2_HEADS = ("roi_heads.", "proposal_generator.", "sem_seg_head.", "head.", "backbone.fpn_")
+
+
+def _refuse_loadable(obj: Any, src: str) -> None:
+    """A file that ``MODEL.WEIGHTS`` loads as it is - a detectron2 / train_net detector checkpoint, or one this
+    converter wrote - is not converted (nothing is written), with a message saying how to load it."""
+    if not isinstance(obj, Mapping):
+        return
+    if isinstance(obj.get(METADATA_KEY), Mapping):
+        raise ConvertError(f"{src} was written by python -m d2_backbones.convert ({obj[METADATA_KEY].get('arch')}): it "
+                           f"needs no conversion. Load it as it is: MODEL.WEIGHTS {shlex.quote(src)} (merge the .yaml "
+                           f"beside it). Nothing was written.")
+    state = obj.get("model")
+    if not isinstance(state, Mapping):
+        return
+    keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    if not any(k.startswith("backbone.") for k in keys) or not any(k.startswith(_DETECTRON2_HEADS) for k in keys):
+        return
+    try:
+        detect_format(dict(state))  # a format this converter reads (e.g. a vovnet-detectron2 file): convert it
+        return
+    except ConvertError:
+        pass
+    heads = sorted({k.split(".")[0] for k in keys if not k.startswith("backbone.")})
+    raise ConvertError(
+        f"{src} is a detectron2 detector checkpoint ({len(keys)} tensors in detectron2's names: "
+        f"{listing([k for k in keys if k.startswith('backbone.')], 1)}, heads {', '.join(heads) or 'none'}), as "
+        f"train_net and detectron2 write them: it needs no conversion. Load it as it is: MODEL.WEIGHTS "
+        f"{shlex.quote(src)} (train_net, predictors, export) or train.init_checkpoint={shlex.quote(src)} "
+        f"(lazy_train), with a config of the same backbone. Nothing was written.")
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
@@ -101,7 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.path.abspath(yaml_dst) in (os.path.abspath(args.src), os.path.abspath(args.dst)):
             raise ConvertError(f"DST {args.dst!r}: the config is written to {yaml_dst!r}, which is SRC or DST; give "
                                f"DST another suffix, e.g. .pth.")
-        result = convert_checkpoint(_read_source(args.src), args.format, arch=args.arch, style=args.style,
+        obj = _read_source(args.src)
+        if args.format == "auto":
+            _refuse_loadable(obj, args.src)
+        result = convert_checkpoint(obj, args.format, arch=args.arch, style=args.style,
                                     allow_partial=args.allow_partial, source=args.src)
     except CheckpointReadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,10 @@ Every path of the package that opens a weights file goes through :func:`load_fil
   fact a ``torch.save`` zip archive is read as a ``.pth``.
 
 A refused file raises :class:`UnsafeCheckpointError` naming the file and the refused global;
-an unreadable one (truncated, not a checkpoint) raises :class:`CheckpointReadError`.
+an unreadable one (truncated, not a checkpoint) raises :class:`CheckpointReadError`. A path that
+is not a regular file (a directory, a named pipe, a device such as ``/dev/zero``, a socket, a
+dangling symlink) is refused by :func:`check_file_kind` from its ``os.stat`` alone, before it is
+opened, so a FIFO never blocks the reader.
 
 Example::
 
@@ -28,6 +31,7 @@ import codecs
 import io
 import os
 import pickle
+import stat
 import zipfile
 from collections import OrderedDict
 from typing import Any
@@ -35,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CheckpointReadError", "UnsafeCheckpointError", "RestrictedUnpickler", "load_file", "ALLOWED_GLOBALS"]
+__all__ = ["CheckpointReadError", "UnsafeCheckpointError", "RestrictedUnpickler", "load_file", "check_file_kind",
+           "ALLOWED_GLOBALS"]
 
 
 class CheckpointReadError(ValueError):
@@ -120,10 +125,40 @@ def _torch_load(path: str) -> Any:
                                   f"{type(e).__name__}: {_first_line(e)}") from None
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_file_kind(path: str) -> None:
+    """Raise :class:`CheckpointReadError` unless ``path`` is a regular file (or a symlink to one).
+
+    Decided from ``os.stat`` only: nothing is opened, so a named pipe cannot block. The message says
+    what the path is (a directory lists the weights files in it)."""
+    link = f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointReadError(f"{path}: no such file{' - a symlink whose target does not exist' if link else ''}"
+                                  f"{link}.") from None
+    except OSError as e:
+        raise CheckpointReadError(f"{path}: cannot be read ({e.strerror}){link}.") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    hint = "give the path of a weights file (.pth / .pkl)"
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            found = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pkl", ".pt")))
+        except OSError:
+            found = []
+        hint += (f" - this directory holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}" if found else
+                 " - this directory holds none")
+    raise CheckpointReadError(f"{path}{link} is {kind}, not a weights file; it was not opened. Fix: {hint}.")
+
+
 def load_file(path: str) -> Any:
     """Read a local weights file without running code from it (see the module docstring)."""
-    if not os.path.isfile(path):
-        raise CheckpointReadError(f"{path}: no such file.")
+    check_file_kind(path)  # before anything opens it: a FIFO would block
     if not path.endswith(".pkl") or zipfile.is_zipfile(path):
         return _torch_load(path)
     with open(path, "rb") as f:
