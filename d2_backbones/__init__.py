@@ -18,6 +18,10 @@ What importing the package changes in detectron2, exactly:
    wrapped: an int given for a float key is taken as that float (``MODEL.GHOSTNET.WIDTH 1``; yacs
    refuses it), and an unknown key of this package says to call :func:`add_config` (a near-miss key
    suggests the closest existing one). Merges that succeed otherwise behave as before.
+4. ``CfgNode.load_yaml_with_base`` (what ``merge_from_file`` and every ``_BASE_`` read through) is
+   wrapped: yaml is read with ``yaml.safe_load`` and a Python tag (``!!python/object/apply:...``, which
+   runs code when read) is refused naming the file, the line and the tag, unless inside
+   :func:`allow_unsafe_yaml` (the files installed with detectron2 itself load as before).
 
 Nothing else: detectron2's global default config is never modified (:func:`add_config` mutates only
 the cfg it is given).
@@ -62,6 +66,7 @@ from .inference import OptimizedPredictor, is_optimized_for_inference, optimize_
 from .predictor import Predictor  # noqa: E402
 from .model_zoo import get_config_file  # noqa: E402  (the configs shipped with the package)
 from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
+from .yaml_safety import UnsafeYamlError, allow_unsafe_yaml  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
@@ -102,4 +107,6 @@ __all__ = [
     "Predictor",
     "Checkpointer",
     "WeightsMismatchError",
+    "allow_unsafe_yaml",
+    "UnsafeYamlError",
 ]

@@ -23,6 +23,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _d2_get_cfg
 
 from .errors import RegistryKeyError
+from .yaml_safety import install_safe_yaml
 
 __all__ = ["add_config", "get_cfg", "our_keys", "cfg_get", "install_config_hints"]
 
@@ -95,10 +96,11 @@ def _train_keys(_C: CN) -> None:
     # (--eval-only and TEST.EVAL_PERIOD; the trained model itself is left untouched).
     # d2_backbones.OptimizedPredictor always optimizes. Options: True, False.
     _C.TEST.OPTIMIZE_FOR_INFERENCE = False
-    # What a converted weights file (python -m d2_backbones.convert) whose metadata names another
-    # network than the config (depth, width, eSE placement, FPN, ...) does when loaded: "error" stops
-    # the load naming the keys to set; "warn" (experts) loads what fits and logs a warning.
-    # Preprocessing differences (INPUT.FORMAT, MODEL.PIXEL_MEAN/STD) are always a warning.
+    # Weights that do not fit the backbone when loaded (a file whose bottom-up tensors do not fill the
+    # whole bottom-up network, or use tensors it lacks; a converted file whose metadata names another
+    # network than the config): "error" stops the load naming the cause and the keys to set; "warn"
+    # (experts) loads what fits and logs a warning. Preprocessing differences (INPUT.FORMAT,
+    # MODEL.PIXEL_MEAN/STD) are always a warning.
     # Options: "error", "warn".
     _C.MODEL.WEIGHTS_CHECK = "error"
 
@@ -328,7 +330,11 @@ def install_config_hints() -> None:
 
     Only merges that would fail change: an unknown key of this package says to call
     :func:`add_config`; a near-miss key suggests the closest existing key; an int given for a
-    float key is taken as that float (yacs refuses it with a type mismatch).
+    float key is taken as that float (yacs refuses it with a type mismatch). Config files are read
+    with ``yaml.safe_load`` (:func:`~d2_backbones.yaml_safety.install_safe_yaml`): a Python tag is refused
+    unless inside :func:`~d2_backbones.allow_unsafe_yaml`.
     """
     CN.merge_from_other_cfg = _hinted(CN.merge_from_other_cfg)
     CN.merge_from_list = _hinted(CN.merge_from_list)
+    # yaml files are read with yaml.safe_load (merge_from_file and every _BASE_); see d2_backbones.yaml_safety
+    install_safe_yaml()

@@ -13,6 +13,13 @@ otherwise only trip over once the model is built and the data loader starts (or 
   (``check_images=False``, i.e. ``train_net.py --skip-image-check``, skips this disk part);
 * entries detectron2 cannot read (an image without ``id``/``file_name``/``width``/``height``, a
   ``bbox`` that is not four numbers, empty ``categories``) -> error naming the first ids;
+* ids detectron2 would mishandle: image, category or annotation ``image_id`` values that are not
+  integers, duplicate image ids (pycocotools keeps one image per id: the boxes of the others train on
+  its pixels), annotations whose ``image_id`` is not in ``images`` (dropped without a word), duplicate
+  annotation ids, an empty ``annotations`` list (a file without the key is an image list for
+  predictions only) -> error naming the ids;
+* images with more than 8 bits per channel (16-bit grayscale PNG: 26 header bytes per ``.png``; TIFF
+  headers), which detectron2's ``read_image`` turns white -> error naming the files (disk part);
 * boxes with width or height <= 0, or reaching outside their image -> one WARNING with the counts
   and the first annotation ids. detectron2 keeps them in the dataset dicts and its training
   ``DatasetMapper`` fixes them silently: the transforms map a box through its corners and take
@@ -23,6 +30,10 @@ otherwise only trip over once the model is built and the data loader starts (or 
   ``COCOEvaluator`` reads the JSON as written: ground truth with width or height <= 0 can never be
   matched (IoU 0), which lowers recall/AP.
 
+While training and evaluating, :class:`CheckedDatasetMapper` (detectron2's ``DatasetMapper``) refuses an
+image with more than 8 bits per channel and re-raises a decoding failure (a truncated JPEG) naming the
+file, with any number of data-loader workers.
+
 The synthetic dataset: :func:`make_shapes` writes real files - PNG images of circles, squares and
 triangles, and a COCO json per split with boxes, polygon masks and categories - deterministically
 from a seed, so training on it exercises exactly the path user data takes
@@ -31,7 +42,8 @@ generates it on first use and registers ``shapes_train`` / ``shapes_val``.
 
 Example::
 
-    >>> root = make_shapes("shapes_demo", n_train=8, n_val=2)
+    >>> import tempfile
+    >>> root = make_shapes(os.path.join(tempfile.mkdtemp(), "shapes_demo"), n_train=8, n_val=2)
     >>> sorted(os.listdir(root))
     ['annotations', 'manifest.json', 'train', 'val']
 """
@@ -47,13 +59,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.utils.file_io import PathManager
 
 from .errors import ConfigError
 
 __all__ = ["register_coco_datasets", "check_coco_dataset", "check_coco_data", "coco_classes", "register_used_shapes",
-           "SHAPES_DATASETS", "CATEGORIES", "make_shapes", "register_shapes", "default_root"]
+           "SHAPES_DATASETS", "CATEGORIES", "make_shapes", "register_shapes", "default_root", "CheckedDatasetMapper",
+           "ImageReadError", "use_checked_mapper"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -141,6 +155,11 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
         raise ConfigError(f"{where}: every entry of 'categories' needs an 'id' and a 'name' ({e!r}).") from None
     if not cat_ids:
         problems.append("'categories' is empty: detectron2 needs the list of classes.")
+    not_int = [c["id"] for c in cats if not _is_int(c["id"])]
+    if not_int:
+        problems.append(f"{len(not_int)} categor{'y has' if len(not_int) == 1 else 'ies have'} an 'id' that is not an "
+                        f"integer: {_ids([repr(i) for i in not_int])} (detectron2 maps integer category ids to "
+                        f"contiguous class indices). Fix: use integer ids, in the annotations' category_id too.")
 
     # images
     sizes: Dict = {}
@@ -158,8 +177,65 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
     if incomplete:
         problems.append(f"{len(incomplete)} of {len(images)} images lack 'id', 'file_name' or a positive "
                         f"'width'/'height' (detectron2 reads all four): image ids {_ids(incomplete)}.")
+    image_ids = [im.get("id") for im in images if isinstance(im, dict) and "id" in im]
+    not_int = [i for i in image_ids if not _is_int(i)]
+    if not_int:
+        problems.append(f"{len(not_int)} of {len(images)} images have an 'id' that is not an integer: "
+                        f"{_ids([repr(i) for i in not_int])} (COCO image ids are integers; detectron2 finds no "
+                        f"annotated image otherwise). Fix: number the images with integers, in the annotations' "
+                        f"image_id too.")
+    seen, duplicate = {}, {}
+    for im in images:
+        if isinstance(im, dict) and _is_int(im.get("id")):
+            if im["id"] in seen:
+                duplicate.setdefault(im["id"], [seen[im["id"]]]).append(im.get("file_name"))
+            else:
+                seen[im["id"]] = im.get("file_name")
+    if duplicate:
+        shown = "; ".join(f"id {i}: {', '.join(map(str, fs))}" for i, fs in list(duplicate.items())[:_SHOW])
+        problems.append(f"{len(duplicate)} image id(s) are used by more than one image ({shown}"
+                        f"{'; ...' if len(duplicate) > _SHOW else ''}): pycocotools keeps one image per id, so the "
+                        f"others are dropped and their boxes are trained on the kept image's pixels. Fix: give every "
+                        f"image its own id.")
 
     # annotations
+    if "annotations" in data and not anns:
+        problems.append("'annotations' is an empty list: there is nothing to train on (detectron2 stops with "
+                        "\"No valid data found\" once the model is built) or to evaluate against. Fix: add the "
+                        "annotations; for images without labels (predictions only, like COCO test-dev) leave out the "
+                        "'annotations' key and use the dataset in DATASETS.TEST only.")
+    ann_image_not_int, ann_image_unknown, ann_ids, ann_dup = [], [], set(), []
+    known_images = set(seen)
+    for a in anns:
+        if not isinstance(a, dict):
+            continue
+        iid = a.get("image_id")
+        if not _is_int(iid):
+            ann_image_not_int.append((a.get("id"), iid))
+        elif iid not in known_images:
+            ann_image_unknown.append((a.get("id"), iid))
+        try:
+            if a.get("id") in ann_ids:
+                ann_dup.append(a.get("id"))
+            ann_ids.add(a.get("id"))
+        except TypeError:  # unhashable id
+            ann_dup.append(repr(a.get("id")))
+    if ann_image_not_int:
+        shown = ", ".join(f"annotation id {i} has image_id {v!r}" for i, v in ann_image_not_int[:_SHOW])
+        problems.append(f"{len(ann_image_not_int)} annotation(s) have an 'image_id' that is not an integer: {shown}"
+                        f"{', ...' if len(ann_image_not_int) > _SHOW else ''}. Fix: use the integer 'id' of the "
+                        f"image.")
+    if ann_image_unknown:
+        shown = ", ".join(f"annotation id {i} has image_id {v!r}" for i, v in ann_image_unknown[:_SHOW])
+        missing_ids = _sorted({v for _, v in ann_image_unknown})
+        problems.append(f"{len(ann_image_unknown)} annotation(s) point to image ids that are not in 'images' "
+                        f"({len(missing_ids)} id(s): {_ids(missing_ids)}): {shown}"
+                        f"{', ...' if len(ann_image_unknown) > _SHOW else ''}. detectron2 drops them without a "
+                        f"word. Fix: add the images or correct the image_id.")
+    if ann_dup:
+        problems.append(f"{len(ann_dup)} annotation id(s) are used more than once: {_ids(_sorted(set(ann_dup)))} "
+                        f"(detectron2's load_coco_json requires unique annotation ids). Fix: renumber the "
+                        f"annotations.")
     bad_cat, malformed, zero, negative, partly, outside = [], [], [], [], [], []
     lo = -BOX_TOLERANCE
     for a in anns:
@@ -206,6 +282,13 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
                 f"{len(missing)} of {len(files)} image files are missing under IMAGE_ROOT {image_root}: "
                 f"{_ids(missing)}.{hint} Each 'file_name' is relative to IMAGE_ROOT; --skip-image-check skips "
                 f"this disk check.")
+        deep = _high_bit_depth(image_root, files)
+        if deep:
+            problems.append(
+                f"{len(deep)} of {len(files)} images have more than 8 bits per channel: "
+                f"{_ids([f'{fn} ({what})' for fn, what in deep])}. detectron2's read_image turns them into an "
+                f"all-white image. Fix: convert them to 8 bits per channel, scaling their values to 0-255 (e.g. "
+                f"numpy: (a * 255.0 / a.max()).astype('uint8')); --skip-image-check skips this disk check.")
 
     if problems:
         raise ConfigError(f"{where} cannot be used (IMAGE_ROOT {image_root}):\n  - " + "\n  - ".join(problems))
@@ -248,6 +331,102 @@ def _missing_files(image_root: str, files: Sequence[str]) -> List[str]:
         if base not in names and not os.path.isfile(path):
             missing.append(fn)
     return missing
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# PNG: signature, then the IHDR chunk (length, "IHDR", width, height, bit depth, colour type).
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PIL modes of images with more than 8 bits per channel, which detectron2's read_image clips to white
+# (PIL reads 16-bit RGB/RGBA PNGs as 8-bit RGB/RGBA, keeping the high byte: those are fine).
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _high_bit_depth(image_root: str, files: Sequence[str]) -> List[Tuple[str, str]]:
+    """``[(file_name, description)]`` of the images detectron2 would read as white: 16-bit grayscale PNGs
+    (26 header bytes read per ``.png``) and TIFFs of a >8-bit mode (PIL reads the header). JPEG is 8-bit.
+    Unreadable files are left to the missing-file check and to the training reader."""
+    out = []
+    for fn in files:
+        ext = os.path.splitext(fn)[1].lower()
+        path = os.path.join(image_root, fn)
+        try:
+            if ext == ".png":
+                with open(path, "rb") as f:
+                    head = f.read(26)
+                # bit depth 16, colour type 0 (grayscale)
+                if len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" \
+                        and head[24:26] == b"\x10\x00":
+                    out.append((fn, "16-bit grayscale PNG"))
+            elif ext in (".tif", ".tiff"):
+                with Image.open(path) as im:
+                    if im.mode in HIGH_BIT_DEPTH_MODES:
+                        out.append((fn, f"TIFF, PIL mode {im.mode}"))
+        except (OSError, SyntaxError, ValueError):
+            continue
+    return out
+
+
+class ImageReadError(RuntimeError):
+    """An image of a dataset that the training/evaluation reader cannot use; the message names the file."""
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """detectron2's ``DatasetMapper`` whose failures name the image file (any ``DATALOADER.NUM_WORKERS``).
+
+    * an image with more than 8 bits per channel (PIL mode ``I;16``/``I``/``F``: a 16-bit grayscale PNG,
+      a 16/32-bit TIFF), which ``read_image`` would turn into an all-white image, is refused by name
+      (its header is read first: one extra ``Image.open`` without decoding);
+    * an image that fails to decode (``OSError: image file is truncated``, an unknown format, ...) or any
+      other error while mapping it is re-raised as :class:`ImageReadError` naming the file and image id.
+
+    train_net's ``Trainer`` uses it for its train and test loaders; ``lazy_train`` puts it in place of
+    detectron2's ``DatasetMapper`` in ``dataloader.train/test.mapper`` (:func:`use_checked_mapper`).
+    """
+
+    def __call__(self, dataset_dict):
+        file_name = dataset_dict.get("file_name", "?")
+        where = f"Image {file_name} (image_id {dataset_dict.get('image_id', '?')})"
+        try:
+            with PathManager.open(file_name, "rb") as f, Image.open(f) as im:
+                mode = im.mode
+            if mode in HIGH_BIT_DEPTH_MODES:
+                raise ImageReadError(
+                    f"{where} has more than 8 bits per channel (PIL mode {mode}); detectron2's read_image would "
+                    f"turn it into an all-white image. Fix: convert it to 8 bits per channel, scaling its values "
+                    f"to 0-255 (e.g. numpy: (a * 255.0 / a.max()).astype('uint8')).")
+            return super().__call__(dataset_dict)
+        except (ImageReadError, MemoryError):  # out of memory is no fault of the file: the trainer names the sizes
+            raise
+        except Exception as e:
+            if str(file_name) in str(e):  # detectron2's own message names it (e.g. a size mismatch)
+                raise
+            if isinstance(e, (OSError, SyntaxError, EOFError, Image.DecompressionBombError)):
+                what = (f"cannot be read: {type(e).__name__}: {e}. Fix: re-encode or replace the file, or remove "
+                        f"the image and its annotations from the dataset (PIL's Image.open(path).load() shows the "
+                        f"same error)")
+            else:
+                what = f"failed in the dataset mapper: {type(e).__name__}: {e}"
+            raise ImageReadError(f"{where} {what}.") from e
+
+
+_D2_MAPPER_NAMES = ("detectron2.data.DatasetMapper", "detectron2.data.dataset_mapper.DatasetMapper")
+
+
+def use_checked_mapper(dataloader) -> List[str]:
+    """In a LazyConfig ``dataloader``, replace detectron2's ``DatasetMapper`` of ``train``/``test`` (their
+    ``mapper._target_``) by :class:`CheckedDatasetMapper`; returns the keys replaced. Other mappers are kept."""
+    replaced = []
+    for split in ("train", "test"):
+        loader = dataloader.get(split) if dataloader is not None else None
+        mapper = loader.get("mapper") if loader is not None and hasattr(loader, "get") else None
+        target = mapper.get("_target_") if mapper is not None and hasattr(mapper, "get") else None
+        if target is DatasetMapper or (isinstance(target, str) and target in _D2_MAPPER_NAMES):
+            mapper._target_ = CheckedDatasetMapper
+            replaced.append(f"dataloader.{split}.mapper")
+    return replaced
 
 
 def register_coco_datasets(specs: Sequence[Sequence[str]], check: bool = True, check_images: bool = True) -> None:

@@ -91,8 +91,77 @@ def _unknown_category(shapes, tmp_path):
     return bad, image_root, [f"annotation id {ann['id']} has category_id 9", "not in 'categories' (ids 1, 2, 3)"]
 
 
+def _duplicate_image_ids(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    first, second = data["images"][0], data["images"][1]
+    second["id"] = first["id"]
+    bad = str(tmp_path / "dup.json")
+    _write(bad, data)
+    return bad, image_root, ["1 image id(s) are used by more than one image",
+                             f"id {first['id']}: {first['file_name']}, {second['file_name']}", bad]
+
+
+def _annotation_of_missing_image(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    ann = data["annotations"][2]
+    ann["image_id"] = 4242
+    bad = str(tmp_path / "orphan.json")
+    _write(bad, data)
+    return bad, image_root, ["1 annotation(s) point to image ids that are not in 'images' (1 id(s): 4242)",
+                             f"annotation id {ann['id']} has image_id 4242", bad]
+
+
+def _string_image_ids(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    for im in data["images"]:
+        im["id"] = f"img{im['id']}"
+    for a in data["annotations"]:
+        a["image_id"] = f"img{a['image_id']}"
+    bad = str(tmp_path / "strings.json")
+    _write(bad, data)
+    return bad, image_root, ["8 of 8 images have an 'id' that is not an integer: 'img1', 'img2'",
+                             f"annotation id {data['annotations'][0]['id']} has image_id 'img", bad]
+
+
+def _string_category_ids(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    for c in data["categories"]:
+        c["id"] = str(c["id"])
+    for a in data["annotations"]:
+        a["category_id"] = str(a["category_id"])
+    bad = str(tmp_path / "catstrings.json")
+    _write(bad, data)
+    return bad, image_root, ["3 categories have an 'id' that is not an integer: '1', '2', '3'", bad]
+
+
+def _empty_annotations(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    data["annotations"] = []
+    bad = str(tmp_path / "empty.json")
+    _write(bad, data)
+    return bad, image_root, ["'annotations' is an empty list", "leave out the 'annotations' key", bad]
+
+
+def _write_png16(path, value=1000):
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64), value, dtype=np.uint16)).save(path)  # PIL mode I;16: 16-bit grayscale
+
+
+def _sixteen_bit_png(shapes, tmp_path):
+    json_file, image_root, data = shapes
+    names = [im["file_name"] for im in data["images"][2:4]]
+    for n in names:
+        _write_png16(os.path.join(image_root, n))
+    return json_file, image_root, [f"2 of 8 images have more than 8 bits per channel: {names[0]} (16-bit grayscale "
+                                   f"PNG), {names[1]}", "all-white image", "convert them to 8 bits per channel"]
+
+
 DEFECTS = {"invalid_json": _invalid_json, "missing_images": _missing_images,
-           "wrong_image_root": _wrong_image_root, "unknown_category": _unknown_category}
+           "wrong_image_root": _wrong_image_root, "unknown_category": _unknown_category,
+           "duplicate_image_ids": _duplicate_image_ids, "annotation_of_missing_image": _annotation_of_missing_image,
+           "string_image_ids": _string_image_ids, "string_category_ids": _string_category_ids,
+           "empty_annotations": _empty_annotations, "sixteen_bit_png": _sixteen_bit_png}
 
 
 def _assert_message(message, expected, name):
@@ -237,3 +306,89 @@ def test_data_does_not_import_the_trainer():
     assert "'d2_backbones.data'" in loaded and "'d2_backbones.train'" not in loaded, loaded
     from d2_backbones import data, shapes
     assert shapes.make_shapes is data.make_shapes and shapes.register_shapes is data.register_shapes
+
+
+# ------------------------------------------------------------------------------------------ reading images in training
+def _truncate_to_jpeg(png_path, jpg_path, keep=0.5):
+    """Re-encode ``png_path`` as a JPEG at ``jpg_path`` and cut it to ``keep`` of its bytes: PIL opens the header,
+    then decoding fails with ``OSError: image file is truncated``."""
+    from PIL import Image
+
+    Image.open(png_path).convert("RGB").save(jpg_path, quality=90)
+    with open(jpg_path, "rb") as f:
+        blob = f.read()
+    with open(jpg_path, "wb") as f:
+        f.write(blob[:int(len(blob) * keep)])
+
+
+def _one_image_dataset(shapes, tmp_path, kind):
+    """The first image only, made ``kind`` ("truncated" JPEG or 16-bit "png16"): (json, image root, file path)."""
+    json_file, image_root, data = shapes
+    im = data["images"][0]
+    if kind == "truncated":
+        name = os.path.splitext(im["file_name"])[0] + ".jpg"
+        _truncate_to_jpeg(os.path.join(image_root, im["file_name"]), os.path.join(image_root, name))
+        im["file_name"] = name
+    else:
+        _write_png16(os.path.join(image_root, im["file_name"]))
+    data["images"] = [im]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == im["id"]]
+    bad = str(tmp_path / f"{kind}.json")
+    _write(bad, data)
+    return bad, image_root, os.path.join(image_root, im["file_name"])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "png16"])
+def test_checked_mapper_names_the_image_it_cannot_use(kind, shapes, tmp_path):
+    """detectron2's DatasetMapper raises a bare ``OSError: image file is truncated`` (no file name) and reads a
+    16-bit grayscale PNG as an all-white image; the package's mapper names the file in both cases."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper
+    from d2_backbones.data import CheckedDatasetMapper, ImageReadError
+
+    json_file, image_root, path = _one_image_dataset(shapes, tmp_path, kind)
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    record = {"file_name": path, "image_id": 1, "height": 64, "width": 64, "annotations": []}
+    if kind == "truncated":
+        with pytest.raises(OSError, match="image file is truncated") as e:
+            DatasetMapper(cfg, is_train=True)(dict(record))
+        assert path not in str(e.value)
+    else:  # what the check prevents: every pixel white
+        assert DatasetMapper(cfg, is_train=True)(dict(record))["image"].min() == 255
+    with pytest.raises(ImageReadError) as e:
+        CheckedDatasetMapper(cfg, is_train=True)(dict(record))
+    msg = str(e.value)
+    assert f"Image {path} (image_id 1)" in msg and "Fix:" in msg, msg
+    assert ("image file is truncated" if kind == "truncated" else "more than 8 bits per channel (PIL mode I;16)") \
+        in msg, msg
+
+
+def test_both_trainers_use_the_checked_mapper():
+    from detectron2.config import LazyConfig
+    from d2_backbones.data import CheckedDatasetMapper, use_checked_mapper
+    from d2_backbones.train import Trainer
+    from detectron2.engine import DefaultTrainer
+
+    assert Trainer.build_train_loader.__func__ is not DefaultTrainer.build_train_loader.__func__
+    assert Trainer.build_test_loader.__func__ is not DefaultTrainer.build_test_loader.__func__
+    cfg = LazyConfig.load(os.path.join(CONFIG_DIR, "ResNet", "mask_rcnn_R_50_FPN_1x.py"))
+    assert use_checked_mapper(cfg.dataloader) == ["dataloader.train.mapper", "dataloader.test.mapper"]
+    assert cfg.dataloader.train.mapper._target_ is CheckedDatasetMapper
+    assert cfg.dataloader.test.mapper._target_ is CheckedDatasetMapper
+    assert use_checked_mapper(cfg.dataloader) == []  # already replaced; other mappers are left alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,workers", [("truncated", 0), ("truncated", 2), ("png16", 0)])
+def test_train_net_stops_naming_an_image_it_cannot_read(kind, workers, shapes, tmp_path):
+    """A truncated JPEG met during training (after the checks on arrival, which only look for the file) and a
+    16-bit PNG with --skip-image-check stop train_net naming the file, with and without data-loader workers."""
+    json_file, image_root, path = _one_image_dataset(shapes, tmp_path, kind)
+    extra = ["--skip-image-check"] if kind == "png16" else []
+    p, log = _train_net(f"{kind}_{workers}_train", json_file, image_root, tmp_path / "out", *extra,
+                        "DATALOADER.NUM_WORKERS", str(workers), "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                        "INPUT.MAX_SIZE_TRAIN", "64")
+    assert p.returncode != 0, log[-3000:]
+    assert "ImageReadError" in p.stderr and f"Image {path} (image_id " in p.stderr, p.stderr[-3000:]
+    assert ("image file is truncated" if kind == "truncated" else "more than 8 bits per channel") in p.stderr

@@ -146,9 +146,10 @@ print(sorted(set(reg2) - set(reg)), cfg == cfg2)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     changed, registered = out.strip().splitlines()[-2:]
-    assert changed == "['BACKBONE_REGISTRY.get', 'CfgNode.merge_from_list', 'CfgNode.merge_from_other_cfg']"
+    assert changed == ("['BACKBONE_REGISTRY.get', 'CfgNode.load_yaml_with_base', 'CfgNode.merge_from_list', "
+                       "'CfgNode.merge_from_other_cfg']")
     assert registered == f"{sorted(REGISTERED_NAMES)} True"
     doc = d2_backbones.__doc__
     for name in ("BACKBONE_REGISTRY.get", "CfgNode.merge_from_other_cfg", "CfgNode.merge_from_list",
-                 "REGISTERED_NAMES"):
+                 "CfgNode.load_yaml_with_base", "REGISTERED_NAMES"):
         assert name in doc
