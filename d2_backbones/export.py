@@ -271,11 +271,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
                         help="put (x - MODEL.PIXEL_MEAN) / MODEL.PIXEL_STD inside the exported module")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max abs difference allowed, relative to max(1, max |eager output|)")
+    parser.add_argument("--unsafe-yaml", action="store_true",
+                        help="read a yaml config with Python tags (they run code when read): only for files you trust")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
 
     check_input_size(args.height, args.width)
-    cfg = setup_cfg(args.config_file, args.opts)
+    from .yaml_safety import allow_unsafe_yaml
+
+    with allow_unsafe_yaml(args.unsafe_yaml):  # without the flag a Python tag in the yaml is refused
+        cfg = setup_cfg(args.config_file, args.opts)
     model = build_export_model(cfg, bottom_up=args.bottom_up)
     if args.include_normalization:
         model = Normalize(model, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD).eval()

@@ -44,9 +44,14 @@ from detectron2.utils.logger import setup_logger
 
 from .errors import ConfigError
 from .model_zoo import resolve_config_file
+from .rundir import call_guarded, check_max_to_keep, claim_output_dir, guard_writers, no_space_left
 from .lazy import class_count_keys, instantiate_model
+from .preflight import (check_dataset_files, check_device, check_num_processes, check_values, divergence_cause,
+                        is_out_of_memory, out_of_memory_error, warn_large_sizes)
 from .train import argument_parser, ddp_any_device, num_classes_override, register_coco_datasets
-from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
+from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer, check_weights_policy
+from .yaml_safety import load_lazy_config
+from .data import use_checked_mapper
 
 __all__ = ["check_overrides", "setup", "build_model", "build_trainer", "CPUAutocastTrainer", "do_test", "do_train",
            "main", "invoke_main"]
@@ -110,10 +115,38 @@ def check_training_config(cfg, path: str) -> None:
 
 
 def _check_device(cfg) -> None:
-    device = str(_get(cfg, "train.device") or "cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device!r} but CUDA is not available on this machine. Fix: add "
-                          f"train.device=cpu to the overrides.")
+    check_device(_get(cfg, "train.device") or "cuda", "train.device", "train.device=cpu")
+
+
+def _input_sizes(cfg) -> dict:
+    """The training input sizes (the resize augmentations' fields) and the batch, by key."""
+    sizes = {}
+    for i, aug in enumerate(_get(cfg, "dataloader.train.mapper.augmentations") or []):
+        for field in ("short_edge_length", "max_size", "min_scale", "max_scale", "target_height", "target_width"):
+            if hasattr(aug, "get") and aug.get(field, None) is not None:
+                value = aug.get(field)
+                sizes[f"dataloader.train.mapper.augmentations.{i}.{field}"] = (
+                    list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value)
+    sizes["dataloader.train.total_batch_size"] = _get(cfg, "dataloader.train.total_batch_size")
+    return sizes
+
+
+def _check_values(cfg) -> None:
+    """Values no training can use, refused before the model is built (:func:`~d2_backbones.preflight.check_values`)."""
+    check_values([
+        ("train.max_iter", _get(cfg, "train.max_iter"), "int>=1",
+         "set the number of iterations, e.g. train.max_iter=1000"),
+        ("dataloader.train.total_batch_size", _get(cfg, "dataloader.train.total_batch_size"), "int>=1",
+         "set the global batch, e.g. dataloader.train.total_batch_size=2"),
+        ("optimizer.lr", _get(cfg, "optimizer.lr"), "lr",
+         "set the learning rate, e.g. optimizer.lr=0.02 for a batch of 16"),
+        ("train.checkpointer.period", _get(cfg, "train.checkpointer.period"), "int>=1",
+         "set the iterations between checkpoints, e.g. train.checkpointer.period=5000 (more than train.max_iter: "
+         "only model_final.pth)"),
+        ("train.eval_period", _get(cfg, "train.eval_period"), "int>=0",
+         "train.eval_period=0 evaluates only at the end"),
+        ("train.log_period", _get(cfg, "train.log_period"), "int>=1", "e.g. train.log_period=20"),
+    ])
 
 
 def _check_classes(cfg, mode: Optional[str]) -> None:
@@ -165,11 +198,19 @@ def setup(args):
     """Load the config, apply the overrides, register datasets, run the checks, ``default_setup``."""
     check_overrides(args.opts)
     args.config_file = resolve_config_file(args.config_file, yacs=False)  # default_setup logs and copies it
-    cfg = LazyConfig.load(args.config_file)
+    cfg = load_lazy_config(args.config_file, unsafe=getattr(args, "unsafe_yaml", False))  # yaml: safe_load
     check_training_config(cfg, args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if _get(cfg, "train.weights_check") is not None:
+        check_weights_policy(_get(cfg, "train.weights_check"), "train.weights_check")
+    use_checked_mapper(cfg.get("dataloader"))  # detectron2's DatasetMapper -> one whose errors name the image file
     output_dir = _get(cfg, "train.output_dir")
+    check_max_to_keep(_get(cfg, "train.checkpointer.max_to_keep"), "train.checkpointer.max_to_keep")
+    claim = claim_output_dir(output_dir, args, "train.output_dir")  # one run per directory; --resume / --overwrite
+    if _get(cfg, "train.init_checkpoint"):
+        cfg.train.init_checkpoint = claim.moved_path(cfg.train.init_checkpoint)
     setup_logger(output_dir, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
+    claim.log(logger, "train.init_checkpoint", _get(cfg, "train.init_checkpoint"))
     register_coco_datasets(getattr(args, "register_coco", []) or [],
                            check_images=not getattr(args, "skip_image_check", False))
     if set(_dataset_names(cfg)) & set(_SHAPES):
@@ -177,9 +218,18 @@ def setup(args):
 
         register_shapes()
     _check_device(cfg)
+    used = []
+    for key in ("dataloader.test.dataset.names",) + (() if args.eval_only else ("dataloader.train.dataset.names",)):
+        names = _get(cfg, key) or []
+        used += [(n, key) for n in ([names] if isinstance(names, str) else names)]
     _check_classes(cfg, getattr(args, "num_classes", None))
     _check_input_format(cfg)
-    default_setup(cfg, args)
+    check_dataset_files(used)
+    if not args.eval_only:
+        _check_values(cfg)
+        warn_large_sizes(_input_sizes(cfg))
+    with no_space_left(os.path.join(str(output_dir), "config.yaml"), output_dir):
+        default_setup(cfg, args)
     return cfg
 
 
@@ -262,7 +312,8 @@ def do_train(args, cfg):
     model = ddp_any_device(model, **cfg.train.ddp)
     trainer = build_trainer(cfg, model, train_loader, optimizer)
     output_dir = cfg.train.output_dir
-    checkpointer = Checkpointer(model, output_dir, trainer=trainer)
+    checkpointer = Checkpointer(model, output_dir, trainer=trainer,
+                                weights_check=_get(cfg, "train.weights_check"))
     if comm.is_main_process():
         checkpointer.prepare_save_dir()
     ckpt = cfg.train.checkpointer
@@ -271,24 +322,36 @@ def do_train(args, cfg):
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         PeriodicCheckpointer(checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep", None) or None)
         if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-        hooks.PeriodicWriter(default_writers(output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        hooks.EvalHook(cfg.train.eval_period,  # a full disk while writing the results names the folder
+                       lambda: call_guarded(do_test, os.path.join(output_dir, "inference"), output_dir, cfg, model)),
+        hooks.PeriodicWriter(guard_writers(default_writers(output_dir, cfg.train.max_iter), output_dir),
+                             period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         start_iter = trainer.iter + 1  # the checkpoint holds the iteration that just finished
         logger.info(f"--resume: continuing from {checkpointer.get_checkpoint_file()} at iter {start_iter}.")
+        if start_iter > cfg.train.max_iter:
+            logger.info(f"train.max_iter={cfg.train.max_iter} is below the checkpoint's iteration {start_iter - 1}: "
+                        f"nothing is left to train.")
     else:
         start_iter = 0
     try:
         trainer.train(start_iter, cfg.train.max_iter)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory_error(e, _input_sizes(cfg), "lower the resize augmentation's sizes (e.g. dataloader.train."
+                                  "mapper.augmentations.0.short_edge_length=[640] ...max_size=1024) or "
+                                  "dataloader.train.total_batch_size") from e
     except FloatingPointError as e:
         if isinstance(e, NonFiniteCheckpointError):
             raise
         last = checkpointer.last_complete() if comm.is_main_process() else None
+        cause = divergence_cause(checkpointer, "train.init_checkpoint", cfg.train.init_checkpoint)
         raise FloatingPointError(
-            f"Training diverged: {e} The last complete checkpoint is "
+            f"Training diverged: {cause}{e} The last complete checkpoint is "
             + (f"{os.path.join(output_dir, last)}" if last else "none") + f". Fix: lower optimizer.lr (now "
             f"{cfg.optimizer.lr}) or lengthen the warm-up; --resume continues from the last checkpoint.") from e
     return trainer
@@ -300,7 +363,8 @@ def main(args):
     if args.eval_only:
         model = build_model(cfg)
         model = ddp_any_device(model)
-        Checkpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        Checkpointer(model, cfg.train.output_dir, weights_check=_get(cfg, "train.weights_check")).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     do_train(args, cfg)
     return None
@@ -310,6 +374,9 @@ def invoke_main() -> None:
     """Parse the command line and ``launch`` :func:`main` (one process per GPU, or per CPU worker)."""
     args = argument_parser().parse_args()
     check_overrides(args.opts)
+    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
+    if processes:
+        print(processes)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 

@@ -10,6 +10,9 @@ trailing ``KEY VALUE`` overrides) and adds:
   without it a mismatch is an error naming each key and value.
 * ``--skip-image-check``: the datasets are checked on arrival, before the model is built
   (:mod:`d2_backbones.data`); this skips the check that every image file exists.
+* ``--overwrite``: ``OUTPUT_DIR`` belongs to one run (:mod:`d2_backbones.rundir`): a directory in use by
+  another trainer is refused, and a fresh run over a previous run's files too, unless ``--resume`` (continue
+  it) or ``--overwrite`` (move its files to ``previous_run_<time>/``).
 * the ``shapes_train`` / ``shapes_val`` quickstart datasets, generated on first use
   (:mod:`d2_backbones.data`).
 
@@ -32,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.engine.defaults as _d2_defaults
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -41,11 +44,15 @@ from detectron2.utils.logger import setup_logger
 from .build import check_head_features
 from .config import add_config, cfg_get, get_cfg
 from .data import coco_classes as _coco_classes
-from .data import register_coco_datasets, register_used_shapes
-from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer
+from .data import CheckedDatasetMapper, register_coco_datasets, register_used_shapes
+from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer, check_weights_policy
 from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
 from .model_zoo import resolve_config_file
+from .rundir import call_guarded, check_max_to_keep, claim_output_dir, guard_writers, no_space_left
+from .yaml_safety import allow_unsafe_yaml
+from .preflight import (check_dataset_files, check_device, check_yacs_overrides, check_yacs_solver,
+                        divergence_cause, is_out_of_memory, out_of_memory_error, warn_large_sizes)
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
            "AtomicCheckpointer", "ddp_any_device"]
@@ -64,6 +71,12 @@ def argument_parser() -> argparse.ArgumentParser:
                         help="'auto': set MODEL.*.NUM_CLASSES from the datasets' classes; an int: set them to it")
     parser.add_argument("--skip-image-check", action="store_true",
                         help="check the --register-coco datasets without looking for every image file on disk")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in an output directory that holds a previous run, moving its files "
+                             "to <dir>/previous_run_<time>/ (nothing is deleted)")
+    parser.add_argument("--unsafe-yaml", action="store_true",
+                        help="read yaml configs with Python tags (!!python/...), which run code when read: only for "
+                             "files you trust (default: such a tag is refused)")
     return parser
 
 
@@ -74,6 +87,7 @@ def check_opts(opts: Sequence[str]) -> None:
             raise SystemExit(
                 f"Found flag {tok!r} inside the config overrides {list(opts)}. Put --flags before the KEY VALUE "
                 f"overrides, e.g.: train_net.py --config-file X {tok} OUTPUT_DIR out")
+    check_yacs_overrides(opts, get_cfg)  # key=value (the Python configs' form): the KEY VALUE spelling, lazy_train
     if len(opts) % 2:
         raise SystemExit(f"Config overrides must be KEY VALUE pairs; got an odd number of items: {list(opts)}")
 
@@ -165,24 +179,39 @@ def check_amp_device(cfg) -> None:
 
 # ---------------------------------------------------------------------------------------------- setup
 def setup(args):
-    """``get_cfg`` -> ``add_config`` -> file -> overrides -> dataset/class/AMP checks -> freeze -> ``default_setup``."""
+    """``get_cfg`` -> ``add_config`` -> file -> overrides -> checks (device, dataset files, classes, AMP, solver
+    values: :mod:`d2_backbones.preflight`) -> freeze -> ``default_setup``."""
     check_opts(args.opts)
     cfg = get_cfg()
     add_config(cfg)
     if args.config_file:
         args.config_file = resolve_config_file(args.config_file, yacs=True)  # default_setup logs and copies it
-        cfg.merge_from_file(args.config_file)
+        with allow_unsafe_yaml(getattr(args, "unsafe_yaml", False)):  # a Python tag is refused without the flag
+            cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", "MODEL.DEVICE cpu")
+    check_weights_policy(cfg.MODEL.WEIGHTS_CHECK, "MODEL.WEIGHTS_CHECK")
+    check_max_to_keep(cfg.SOLVER.MAX_TO_KEEP, "SOLVER.MAX_TO_KEEP")
+    claim = claim_output_dir(cfg.OUTPUT_DIR, args)  # one run per OUTPUT_DIR; a previous run: --resume / --overwrite
+    cfg.MODEL.WEIGHTS = claim.moved_path(cfg.MODEL.WEIGHTS)
     # our logger first: the datasets' checks on arrival log their warnings through it
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
+    claim.log(logger, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
     register_coco_datasets(getattr(args, "register_coco", []) or [],
                            check_images=not getattr(args, "skip_image_check", False))
     register_used_shapes(cfg)
+    eval_only = getattr(args, "eval_only", False)
+    check_dataset_files([(n, "DATASETS.TRAIN") for n in ([] if eval_only else cfg.DATASETS.TRAIN)]
+                        + [(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST])
     check_num_classes(cfg, getattr(args, "num_classes", None))
-    if not getattr(args, "eval_only", False):
+    if not eval_only:
         check_amp_device(cfg)
+        check_yacs_solver(cfg)
+        warn_large_sizes({"INPUT.MIN_SIZE_TRAIN": cfg.INPUT.MIN_SIZE_TRAIN,
+                          "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN})
     cfg.freeze()
-    default_setup(cfg, args)
+    with no_space_left(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.OUTPUT_DIR):
+        default_setup(cfg, args)
     return cfg
 
 
@@ -221,10 +250,21 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with _ddp_for_any_device():
             super().__init__(cfg)
-        ws = comm.get_world_size()
-        logger.info(f"Effective batch: SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} images per iteration over "
-                    f"{ws} process(es) ({cfg.SOLVER.IMS_PER_BATCH // max(ws, 1)} each), SOLVER.BASE_LR="
-                    f"{cfg.SOLVER.BASE_LR}, MAX_ITER={cfg.SOLVER.MAX_ITER}, device={cfg.MODEL.DEVICE}")
+        if comm.is_main_process():
+            self._log_effective_batch(cfg)
+
+    def _log_effective_batch(self, written) -> None:
+        """The values the run uses (``self.cfg``: after detectron2's ``auto_scale_workers``), once."""
+        s, ws = self.cfg.SOLVER, comm.get_world_size()
+        scaled = ""
+        if (s.IMS_PER_BATCH, s.MAX_ITER) != (written.SOLVER.IMS_PER_BATCH, written.SOLVER.MAX_ITER):
+            scaled = (f" (auto-scaled from the config's IMS_PER_BATCH={written.SOLVER.IMS_PER_BATCH}, BASE_LR="
+                      f"{written.SOLVER.BASE_LR}, MAX_ITER={written.SOLVER.MAX_ITER} written for "
+                      f"SOLVER.REFERENCE_WORLD_SIZE={written.SOLVER.REFERENCE_WORLD_SIZE}; "
+                      f"SOLVER.REFERENCE_WORLD_SIZE 0 uses them as written)")
+        logger.info(f"Effective batch: SOLVER.IMS_PER_BATCH={s.IMS_PER_BATCH} images per iteration over {ws} "
+                    f"process(es) ({s.IMS_PER_BATCH // max(ws, 1)} each), SOLVER.BASE_LR={s.BASE_LR}, "
+                    f"MAX_ITER={s.MAX_ITER}, device={self.cfg.MODEL.DEVICE}{scaled}")
 
     @classmethod
     def build_model(cls, cfg):
@@ -257,6 +297,10 @@ class Trainer(DefaultTrainer):
                                               mode=cfg.TEST.BEST_CHECKPOINT_MODE))
         return ret
 
+    def build_writers(self):
+        """detectron2's writers; a full disk names the file (``metrics.json``, events) and the last checkpoint."""
+        return guard_writers(super().build_writers(), self.cfg.OUTPUT_DIR)
+
     def _keep_configured_lr(self, configured) -> None:
         """A resumed optimizer/scheduler restores the learning rates of the run that wrote the checkpoint;
         a SOLVER.BASE_LR changed since (e.g. after a divergence) is applied to the rest of the schedule."""
@@ -285,11 +329,14 @@ class Trainer(DefaultTrainer):
             logger.info(f"--resume: found {os.path.join(cp.save_dir, 'last_checkpoint')} -> {os.path.basename(path)}; "
                         f"resuming at iter {self.start_iter} (MODEL.WEIGHTS is ignored when resuming).")
             final = os.path.join(cp.save_dir, "model_final.pth")
+            if self.start_iter > self.max_iter:
+                logger.info(f"SOLVER.MAX_ITER={self.max_iter} is below the checkpoint's iteration "
+                            f"{self.start_iter - 1}: nothing is left to train.")
             if self.start_iter >= self.max_iter and comm.is_main_process() and not cp.path_manager.exists(final):
-                # the run was killed while writing model_final.pth: the state it would hold is this one
+                # killed while writing model_final.pth, or MAX_ITER lowered: the final state is the checkpoint's
                 logger.info(f"The schedule is complete (iter {self.start_iter} of {self.max_iter}) but "
-                            f"model_final.pth is missing (the run was interrupted while writing it); writing it now.")
-                cp.save("model_final", iteration=self.max_iter - 1)
+                            f"model_final.pth is missing; writing it now from iteration {self.start_iter - 1}.")
+                cp.save("model_final", iteration=self.start_iter - 1)  # labelled with the iteration it holds
         else:
             if resume:
                 logger.info(f"--resume given but no last_checkpoint in OUTPUT_DIR={cp.save_dir}; starting from "
@@ -299,9 +346,20 @@ class Trainer(DefaultTrainer):
                 logger.info("Weights loading summary: MODEL.WEIGHTS is empty; every module is initialised from scratch.")
 
     def train(self):
-        """detectron2's training loop; a divergence names the last finite checkpoint and the fix."""
+        """detectron2's training loop; a divergence names the last finite checkpoint and the fix (weights that
+        did not load first), running out of memory names the input-size keys."""
         try:
             return super().train()
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            i = self.cfg.INPUT
+            raise out_of_memory_error(
+                e, {"INPUT.MIN_SIZE_TRAIN": i.MIN_SIZE_TRAIN, "INPUT.MAX_SIZE_TRAIN": i.MAX_SIZE_TRAIN,
+                    "SOLVER.IMS_PER_BATCH": self.cfg.SOLVER.IMS_PER_BATCH},
+                "lower INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN (the shipped configs use (640, ..., 800) / 1333) "
+                "or SOLVER.IMS_PER_BATCH (detectron2 scales SOLVER.BASE_LR with it when "
+                "SOLVER.REFERENCE_WORLD_SIZE is set)") from e
         except FloatingPointError as e:
             if isinstance(e, NonFiniteCheckpointError):
                 msg = str(e)
@@ -310,10 +368,11 @@ class Trainer(DefaultTrainer):
                 msg = (f"{e} The last complete checkpoint is "
                        + (f"{os.path.join(self.cfg.OUTPUT_DIR, last)} (last_checkpoint names it)." if last
                           else "none (no checkpoint was written before the divergence)."))
+            cause = divergence_cause(self.checkpointer, "MODEL.WEIGHTS", self.cfg.MODEL.WEIGHTS)
             raise FloatingPointError(
-                f"Training diverged: {msg} Fix: lower SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR}) or lengthen "
-                f"SOLVER.WARMUP_ITERS (now {self.cfg.SOLVER.WARMUP_ITERS}); --resume continues from the last complete "
-                f"checkpoint.") from e
+                f"Training diverged: {cause}{msg} Fix: lower SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR}) or "
+                f"lengthen SOLVER.WARMUP_ITERS (now {self.cfg.SOLVER.WARMUP_ITERS}); --resume continues from the last "
+                f"complete checkpoint.") from e
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -331,6 +390,17 @@ class Trainer(DefaultTrainer):
         return super().test(cfg, model, evaluators)
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's, with :class:`~d2_backbones.data.CheckedDatasetMapper`: an image that cannot be read names
+        its file (any DATALOADER.NUM_WORKERS), a >8-bit image is refused instead of read as white."""
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's, with :class:`~d2_backbones.data.CheckedDatasetMapper` (see :meth:`build_train_loader`)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type != "coco":
@@ -338,5 +408,7 @@ class Trainer(DefaultTrainer):
                 f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); train_net.py "
                 f"evaluates COCO-format datasets. Register yours with --register-coco.")
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
-
+        evaluator = COCOEvaluator(dataset_name, output_dir=output_folder)
+        evaluate = evaluator.evaluate  # a full disk while writing the results names the folder
+        evaluator.evaluate = lambda *a, **k: call_guarded(evaluate, output_folder, cfg.OUTPUT_DIR, *a, **k)
+        return evaluator

@@ -14,7 +14,7 @@ directory once the package is installed. Standard detectron2 usage (every flag o
 Additions (flags go before the KEY VALUE overrides): ``--register-coco NAME JSON IMAGE_ROOT``
 (repeatable; checked on arrival, see :mod:`d2_backbones.data`), ``--skip-image-check``,
 ``--num-classes auto``. On a machine without GPUs use ``MODEL.DEVICE cpu``; ``--num-gpus N`` then
-starts N CPU processes (gloo).
+starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU.
 """
 import logging
 import os
@@ -25,6 +25,7 @@ from detectron2.utils import comm
 
 import d2_backbones  # noqa: F401  (registers the backbones)
 from d2_backbones.inference import optimize_for_inference
+from d2_backbones.preflight import check_num_processes
 from d2_backbones.train import Trainer, argument_parser, check_opts, setup
 from d2_backbones.weights import Checkpointer
 
@@ -50,13 +51,16 @@ def main(args):
     trainer.resume_or_load(resume=args.resume)
     res = trainer.train()
     if comm.is_main_process():
+        from d2_backbones.rundir import no_space_left  # a full disk names the file and the last checkpoint
         from d2_backbones.visualize import draw_predictions, plot_curves
 
-        logger.info(f"Wrote {plot_curves(cfg.OUTPUT_DIR)}")
+        with no_space_left(os.path.join(cfg.OUTPUT_DIR, "curves.png"), cfg.OUTPUT_DIR):
+            logger.info(f"Wrote {plot_curves(cfg.OUTPUT_DIR)}")
         if cfg.DATASETS.TEST:
             png = os.path.join(cfg.OUTPUT_DIR, "predictions.png")
             model = getattr(trainer.model, "module", trainer.model)  # unwrap DDP
-            logger.info(f"Wrote {draw_predictions(cfg, model, cfg.DATASETS.TEST[0], png)}")
+            with no_space_left(png, cfg.OUTPUT_DIR):
+                logger.info(f"Wrote {draw_predictions(cfg, model, cfg.DATASETS.TEST[0], png)}")
     return res
 
 
@@ -65,6 +69,9 @@ def invoke_main() -> None:
     args = argument_parser().parse_args()
     check_opts(args.opts)
     print("Command Line Args:", args)
+    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
+    if processes:
+        print(processes)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 
