@@ -64,3 +64,16 @@ def test_block_runs(tmp_path, path, line, lang, ann, code):
     printed = re.findall(r"^# (\{.*\})$", code, re.M)  # an expected-output comment must match what ran
     if lang == "python" and printed:
         assert printed[-1] in p.stdout, (printed[-1], p.stdout[-500:])
+
+
+def test_docstring_examples_write_nothing_into_the_working_directory(tmp_path, monkeypatch):
+    """The CI command runs the docstring examples from the checkout: an example that writes files (the shapes
+    dataset of :mod:`d2_backbones.data`) writes them into a temporary folder, never where it is run."""
+    import doctest
+
+    import d2_backbones.data
+
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(d2_backbones.data, optionflags=doctest.ELLIPSIS)
+    assert result.attempted and not result.failed, result
+    assert os.listdir(tmp_path) == []

@@ -82,9 +82,22 @@ def _hide_detectron2(tmp_path):
     return str(tmp_path / "shadow")
 
 
+def _script_env(tmp_path, **extra):
+    """The environment for scripts/setup.sh and .ci/run: ``PYTHON`` is the interpreter running the suite, and a
+    ``python3`` that is not it comes first on PATH (the suite started as ``venv/bin/python -m pytest`` without
+    activating the venv): the scripts must inspect the interpreter they are given, not the first one on PATH."""
+    other = tmp_path / "other_python"
+    other.mkdir(exist_ok=True)
+    shim = other / "python3"
+    shim.write_text("#!/bin/sh\necho 'not the interpreter of the test suite' >&2\nexit 3\n")
+    shim.chmod(0o755)
+    return dict(os.environ, PYTHON=sys.executable, PATH=f"{other}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+
+
 @pytest.mark.slow
 def test_setup_script_keeps_a_working_installation(tmp_path):
-    p = subprocess.run(["bash", SETUP_SH, "--check"], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
+    p = subprocess.run(["bash", SETUP_SH, "--check"], capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+                       env=_script_env(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     assert "1/3 torch: kept torch" in out and "2/3 detectron2: kept 0.6" in out, out
@@ -96,7 +109,7 @@ def test_setup_script_keeps_a_working_installation(tmp_path):
 def test_setup_script_fails_clearly_when_detectron2_cannot_be_installed(tmp_path):
     empty_source = tmp_path / "not_detectron2"
     empty_source.mkdir()
-    env = dict(os.environ, PYTHONPATH=_hide_detectron2(tmp_path))
+    env = _script_env(tmp_path, PYTHONPATH=_hide_detectron2(tmp_path))
     p = subprocess.run(["bash", SETUP_SH, str(empty_source)], capture_output=True, text=True, cwd=str(tmp_path),
                        env=env, timeout=600)
     assert p.returncode == 1, p.stdout + p.stderr
@@ -111,7 +124,7 @@ def test_setup_script_fails_clearly_when_detectron2_cannot_be_installed(tmp_path
 def test_ci_run_sets_up_with_the_script_and_stops_without_detectron2(tmp_path):
     empty_source = tmp_path / "not_detectron2"
     empty_source.mkdir()
-    env = dict(os.environ, PYTHONPATH=_hide_detectron2(tmp_path))
+    env = _script_env(tmp_path, PYTHONPATH=_hide_detectron2(tmp_path))
     p = subprocess.run(["bash", os.path.join(REPO, ".ci", "run"), str(empty_source)], capture_output=True, text=True,
                        cwd=str(tmp_path), env=env, timeout=600)
     assert p.returncode != 0
