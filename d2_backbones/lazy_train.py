@@ -44,7 +44,8 @@ from detectron2.utils.logger import setup_logger
 
 from .errors import ConfigError
 from .model_zoo import resolve_config_file
-from .rundir import call_guarded, check_max_to_keep, claim_output_dir, guard_writers, no_space_left
+from .rundir import (call_guarded, check_max_to_keep, claim_output_dir, guard_writers, keep_run_config,
+                     no_space_left)
 from .lazy import class_count_keys, instantiate_model
 from .preflight import (check_dataset_files, check_device, check_num_processes, check_values, divergence_cause,
                         is_out_of_memory, out_of_memory_error, warn_large_sizes)
@@ -228,7 +229,8 @@ def setup(args):
     if not args.eval_only:
         _check_values(cfg)
         warn_large_sizes(_input_sizes(cfg))
-    with no_space_left(os.path.join(str(output_dir), "config.yaml"), output_dir):
+    with no_space_left(os.path.join(str(output_dir), "config.yaml"), output_dir), \
+            keep_run_config(output_dir, args.eval_only):  # --eval-only: config_eval.yaml, the run's stays
         default_setup(cfg, args)
     return cfg
 

@@ -49,7 +49,7 @@ from .errors import ConfigError
 
 __all__ = ["LOCK_NAME", "OutputDirInUseError", "lock_output_dir", "previous_run", "move_previous_run",
            "claim_output_dir", "Claim", "check_max_to_keep", "last_complete_checkpoint", "no_space_error",
-           "no_space_left", "call_guarded", "guard_writers", "GuardedWriter"]
+           "no_space_left", "call_guarded", "guard_writers", "GuardedWriter", "keep_run_config"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -244,6 +244,44 @@ def check_max_to_keep(value, key: str = "SOLVER.MAX_TO_KEEP") -> Optional[int]:
         raise ConfigError(f"{key}={value!r} is not valid. Valid values: a positive number of periodic checkpoints "
                           f"to keep, or 0 / -1 to keep them all. Fix: set {key} 0 to keep every checkpoint.")
     return value if value > 0 else None
+
+
+@contextlib.contextmanager
+def keep_run_config(output_dir: str, eval_only: bool) -> Iterator[None]:
+    """Around detectron2's ``default_setup`` (which writes ``<dir>/config.yaml``): with ``--eval-only`` the
+    training run's ``config.yaml`` stays, and the evaluation's config is written to ``config_eval.yaml``.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, "config.yaml"), "w") as f:
+    ...     _ = f.write("the training run's")
+    >>> with keep_run_config(d, eval_only=True):
+    ...     with open(os.path.join(d, "config.yaml"), "w") as f:   # what default_setup does
+    ...         _ = f.write("the evaluation's")
+    >>> [open(os.path.join(d, n)).read() for n in ("config.yaml", "config_eval.yaml")]
+    ["the training run's", "the evaluation's"]
+    """
+    path = os.path.join(output_dir, "config.yaml") if output_dir else ""
+    if not eval_only or not path or "://" in path or not os.path.isfile(path):
+        yield
+        return
+    with open(path, "rb") as f:
+        kept = f.read()
+    try:
+        yield
+    finally:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                written = f.read()
+            if written != kept:
+                from .weights.write import AtomicFile
+
+                with AtomicFile(os.path.join(output_dir, "config_eval.yaml"), "wb") as f:
+                    f.write(written)
+                with AtomicFile(path, "wb") as f:
+                    f.write(kept)
+                logger.info(f"--eval-only: wrote this evaluation's config to "
+                            f"{os.path.join(output_dir, 'config_eval.yaml')}; config.yaml stays the training run's.")
 
 
 # ---------------------------------------------------------------------------------------------- full disk

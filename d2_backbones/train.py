@@ -49,7 +49,8 @@ from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointe
 from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
 from .model_zoo import resolve_config_file
-from .rundir import call_guarded, check_max_to_keep, claim_output_dir, guard_writers, no_space_left
+from .rundir import (call_guarded, check_max_to_keep, claim_output_dir, guard_writers, keep_run_config,
+                     no_space_left)
 from .yaml_safety import allow_unsafe_yaml
 from .preflight import (check_dataset_files, check_device, check_yacs_overrides, check_yacs_solver,
                         divergence_cause, is_out_of_memory, out_of_memory_error, warn_large_sizes)
@@ -210,7 +211,8 @@ def setup(args):
         warn_large_sizes({"INPUT.MIN_SIZE_TRAIN": cfg.INPUT.MIN_SIZE_TRAIN,
                           "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN})
     cfg.freeze()
-    with no_space_left(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.OUTPUT_DIR):
+    with no_space_left(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.OUTPUT_DIR), \
+            keep_run_config(cfg.OUTPUT_DIR, eval_only):  # --eval-only: config_eval.yaml, the run's stays
         default_setup(cfg, args)
     return cfg
 

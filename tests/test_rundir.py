@@ -479,3 +479,15 @@ def test_lazy_train_directory_in_use_full_disk_previous_run_and_overwrite(data_r
     assert p.returncode == 0, p.stderr[-3000:]
     (old,) = glob.glob(os.path.join(out, "previous_run_*"))
     assert _pth(old) == before and _pth(out) == ["model_0000000.pth", "model_final.pth"]
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_keeps_the_training_runs_config(finished_run, data_root, tmp_path):
+    """--eval-only in a training run's directory: detectron2's default_setup would overwrite its config.yaml."""
+    out = shutil.copytree(finished_run, str(tmp_path / "run"))
+    before = open(os.path.join(out, "config.yaml")).read()
+    _train_net(out, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "INPUT.MIN_SIZE_TEST", 96,
+               data_root=data_root, flags=["--eval-only"])
+    assert open(os.path.join(out, "config.yaml")).read() == before
+    evaluated = open(os.path.join(out, "config_eval.yaml")).read()
+    assert "MIN_SIZE_TEST: 96" in evaluated and evaluated != before
