@@ -120,14 +120,15 @@ def _check_device(cfg) -> None:
 
 
 def _input_sizes(cfg) -> dict:
-    """The training input sizes (the resize augmentations' fields) and the batch, by key."""
+    """The input sizes of training and evaluation (the resize augmentations' fields) and the batch, by key."""
     sizes = {}
-    for i, aug in enumerate(_get(cfg, "dataloader.train.mapper.augmentations") or []):
-        for field in ("short_edge_length", "max_size", "min_scale", "max_scale", "target_height", "target_width"):
-            if hasattr(aug, "get") and aug.get(field, None) is not None:
-                value = aug.get(field)
-                sizes[f"dataloader.train.mapper.augmentations.{i}.{field}"] = (
-                    list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value)
+    for split in ("train", "test"):
+        for i, aug in enumerate(_get(cfg, f"dataloader.{split}.mapper.augmentations") or []):
+            for field in ("short_edge_length", "max_size", "min_scale", "max_scale", "target_height", "target_width"):
+                if hasattr(aug, "get") and aug.get(field, None) is not None:
+                    value = aug.get(field)
+                    sizes[f"dataloader.{split}.mapper.augmentations.{i}.{field}"] = (
+                        list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value)
     sizes["dataloader.train.total_batch_size"] = _get(cfg, "dataloader.train.total_batch_size")
     return sizes
 

@@ -272,8 +272,9 @@ def out_of_memory_error(e: BaseException, sizes: Mapping[str, Any], fix: str) ->
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     detail = f"{type(e).__name__}: {lines[-1][:300]}" if lines else type(e).__name__
     shown = ", ".join(f"{k}={v!r}" for k, v in sizes.items())
-    return MemoryError(f"Out of memory in a training step ({detail}). The memory of a step grows with the input size "
-                       f"and the batch: {shown}. Fix: {fix}.")
+    return MemoryError(f"Out of memory while training (a training step, or an evaluation run by the training loop) "
+                       f"({detail}). The memory of a step grows with the input size and the batch: {shown}. "
+                       f"Fix: {fix}.")
 
 
 def divergence_cause(checkpointer, weights_key: str, weights: str) -> str:

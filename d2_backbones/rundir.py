@@ -57,9 +57,10 @@ LOCK_NAME = ".d2b_run.lock"
 PREVIOUS_PREFIX = "previous_run_"
 
 # what a run writes into its directory (moved aside by --overwrite); the lock and earlier previous_run_* stay
-_RUN_FILE = re.compile(r"^(last_checkpoint|metrics\.json|config\.yaml|log\.txt(\.rank\d+)?|curves\.png|"
-                       r"predictions\.png|events\.out\.tfevents\..*|inference|.+\.pth|.+\.d2b-[0-9a-f]{8}\.tmp)$")
-_CHECKPOINT = re.compile(r"^.+\.pth$")
+_RUN_FILE = re.compile(r"^(last_checkpoint|metrics\.json|config(_eval)?\.yaml|log\.txt(\.rank\d+)?|curves\.png|"
+                       r"predictions\.png|events\.out\.tfevents\..*|inference|model_.+\.pth|"
+                       r".+\.d2b-[0-9a-f]{8}\.tmp)$")
+_CHECKPOINT = re.compile(r"^model_.+\.pth$")  # the trainers' checkpoints (a user's own weights file is not one)
 
 # realpath of a lock file -> the descriptor this process holds it with (kept open for the life of the process)
 _HELD: Dict[str, int] = {}
@@ -157,8 +158,8 @@ def previous_run(output_dir: str) -> Optional[str]:
     n = sum(1 for name in names if _CHECKPOINT.match(name) and os.path.isfile(os.path.join(output_dir, name)))
     if n:
         parts.append(f"{n} checkpoint file{'s' if n != 1 else ''}")
-    if "metrics.json" in names:
-        parts.append("metrics.json")
+    if "metrics.json" in names and os.path.getsize(os.path.join(output_dir, "metrics.json")) > 0:
+        parts.append("metrics.json")  # empty: the writer was opened by a run that stopped before logging
     return ", ".join(parts) or None
 
 
@@ -217,9 +218,20 @@ def claim_output_dir(output_dir: str, args, key: str = "OUTPUT_DIR") -> Claim:
     """
     from detectron2.utils import comm
 
-    resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
-    if getattr(args, "eval_only", False) or comm.get_rank() != 0:
+    if getattr(args, "eval_only", False):
         return Claim(key=key)
+    claim = _claim_on_main(output_dir, args, key) if comm.get_rank() == 0 else Claim(key=key)
+    if comm.get_world_size() > 1:
+        # the other processes wait until the main one has moved a previous run aside, and learn where it went
+        # (for MODEL.WEIGHTS naming one of its files); if the main process stops here, launch ends them all
+        moved = comm.all_gather(claim.moved)[0]
+        if comm.get_rank() != 0:
+            claim = Claim(moved=moved, key=key)
+    return claim
+
+
+def _claim_on_main(output_dir: str, args, key: str) -> Claim:
+    resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the output directory and --overwrite moves it aside: "
                           "pass one of them.")
@@ -335,9 +347,12 @@ def _writer_file(writer: EventWriter, output_dir: str) -> str:
     handle = getattr(writer, "_file_handle", None)  # JSONWriter
     if getattr(handle, "name", None):
         return str(handle.name)
-    args = getattr(writer, "_writer_args", None)  # TensorboardXWriter
-    if isinstance(args, dict) and args.get("log_dir"):
-        return os.path.join(args["log_dir"], "events.out.tfevents.*")
+    args = getattr(writer, "_writer_args", None)  # TensorboardXWriter (newer detectron2: made on first write)
+    log_dir = args.get("log_dir") if isinstance(args, dict) else None
+    inner = getattr(writer, "_writer", None)  # detectron2 0.6: the SummaryWriter itself
+    log_dir = log_dir or getattr(inner, "logdir", None) or getattr(inner, "log_dir", None)
+    if log_dir:
+        return os.path.join(str(log_dir), "events.out.tfevents.*")
     return f"{type(writer).__name__}'s output in {output_dir}"
 
 

@@ -358,8 +358,10 @@ class Trainer(DefaultTrainer):
             i = self.cfg.INPUT
             raise out_of_memory_error(
                 e, {"INPUT.MIN_SIZE_TRAIN": i.MIN_SIZE_TRAIN, "INPUT.MAX_SIZE_TRAIN": i.MAX_SIZE_TRAIN,
-                    "SOLVER.IMS_PER_BATCH": self.cfg.SOLVER.IMS_PER_BATCH},
-                "lower INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN (the shipped configs use (640, ..., 800) / 1333) "
+                    "SOLVER.IMS_PER_BATCH": self.cfg.SOLVER.IMS_PER_BATCH, "INPUT.MIN_SIZE_TEST": i.MIN_SIZE_TEST,
+                    "INPUT.MAX_SIZE_TEST": i.MAX_SIZE_TEST},
+                "lower INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN (the shipped configs use (640, ..., 800) / 1333; "
+                "the *_TEST keys for the evaluations during training) "
                 "or SOLVER.IMS_PER_BATCH (detectron2 scales SOLVER.BASE_LR with it when "
                 "SOLVER.REFERENCE_WORLD_SIZE is set)") from e
         except FloatingPointError as e:

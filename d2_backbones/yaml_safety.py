@@ -13,7 +13,9 @@ After ``import d2_backbones``:
   express consent); a tag that safe loading does not know stops the load with :class:`UnsafeYamlError`
   naming the file, the line, the tag and how to opt in;
 * :func:`load_lazy_config` (``lazy_train``) reads a ``.yaml`` LazyConfig the same way (``.py``
-  configs are Python code by design and load as detectron2 loads them).
+  configs are Python code by design and load as detectron2 loads them). Reading is then safe, but a
+  LazyConfig's ``_target_`` entries name callables that ``instantiate`` imports and calls: a LazyConfig
+  yaml is as trusted as a ``.py`` config (a yacs yaml names no code).
 
 Opting in, for a file you trust: ``--unsafe-yaml`` (train_net, lazy_train, export), or in code::
 
@@ -102,7 +104,8 @@ def check_yaml_text(text: str, filename: str) -> Any:
 def _trusted_dirs() -> tuple:
     import detectron2
 
-    return (os.path.join(os.path.realpath(os.path.dirname(detectron2.__file__)), "model_zoo", "configs") + os.sep,)
+    # realpath of the whole path: an editable detectron2 links model_zoo/configs to its checkout's configs/
+    return (os.path.realpath(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs")) + os.sep,)
 
 
 def _is_trusted(filename: Any) -> bool:

@@ -213,8 +213,9 @@ def test_out_of_memory_is_recognised_and_names_the_keys():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     err = out_of_memory_error(MemoryError(), {"INPUT.MIN_SIZE_TRAIN": (100000,), "SOLVER.IMS_PER_BATCH": 8}, "lower")
     assert isinstance(err, MemoryError)
-    assert str(err) == ("Out of memory in a training step (MemoryError). The memory of a step grows with the input "
-                        "size and the batch: INPUT.MIN_SIZE_TRAIN=(100000,), SOLVER.IMS_PER_BATCH=8. Fix: lower.")
+    assert str(err) == ("Out of memory while training (a training step, or an evaluation run by the training loop) "
+                        "(MemoryError). The memory of a step grows with the input size and the batch: "
+                        "INPUT.MIN_SIZE_TRAIN=(100000,), SOLVER.IMS_PER_BATCH=8. Fix: lower.")
 
 
 # ============================================================================================== 8. divergence
@@ -270,9 +271,9 @@ def test_train_net_out_of_memory_names_the_input_size_keys(data_root, tmp_path):
                     "INPUT.MIN_SIZE_TRAIN", "(100000,)", "INPUT.MAX_SIZE_TRAIN", 100000, "TEST.EVAL_PERIOD", 0,
                     "DATASETS.TEST", "()"], data_root)
     assert p.returncode != 0
-    assert p.last.startswith("MemoryError: Out of memory in a training step ("), p.log[-3000:]
-    assert "INPUT.MIN_SIZE_TRAIN=(100000,), INPUT.MAX_SIZE_TRAIN=100000, SOLVER.IMS_PER_BATCH=2. Fix: lower " \
-           "INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN" in p.last, p.last
+    assert p.last.startswith("MemoryError: Out of memory while training (a training step"), p.log[-3000:]
+    assert "INPUT.MIN_SIZE_TRAIN=(100000,), INPUT.MAX_SIZE_TRAIN=100000, SOLVER.IMS_PER_BATCH=2, INPUT.MIN_SIZE_TEST=" \
+           in p.last and "Fix: lower INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN" in p.last, p.last
     assert "INPUT.MAX_SIZE_TRAIN=100000: images with a side above 4000 px" in p.log  # warned at start
 
 
@@ -333,7 +334,7 @@ def test_lazy_train_out_of_memory_and_divergence_from_scratch(tiny_root, tmp_pat
         return p.stderr[p.stderr.rindex("\n", 0, p.stderr.rindex("Error: ")) + 1:]  # the final error, all its lines
 
     last = run(f"{size}short_edge_length=[100000]", f"{size}max_size=100000")
-    assert last.startswith("MemoryError: Out of memory in a training step ("), last[-3000:]
+    assert last.startswith("MemoryError: Out of memory while training (a training step"), last[-3000:]
     assert f"{size}short_edge_length=[100000], {size}max_size=100000, dataloader.train.total_batch_size=2. Fix: " \
            f"lower the resize augmentation's sizes" in last, last
     last = run(f"{size}short_edge_length=[64]", f"{size}max_size=64", "optimizer.lr=1e6",

@@ -140,14 +140,23 @@ def test_a_fresh_run_over_a_previous_run_is_refused_and_overwrite_moves_it_aside
 
 
 def test_a_log_or_config_alone_is_no_previous_run(tmp_path):
-    """A run that stopped at a config error left log.txt / config.yaml: rerunning with the fix is not refused."""
+    """A run that stopped at a config error left log.txt / config.yaml, one that stopped before logging (refused
+    weights, an unreadable image at iteration 0) an empty metrics.json: rerunning with the fix is not refused. A
+    weights file of the user's kept there is no checkpoint of a run either, and --overwrite leaves it alone."""
     d = str(tmp_path / "out")
     os.makedirs(d)
-    for name in ["log.txt", "config.yaml"]:
+    for name in ["log.txt", "config.yaml", "imagenet_r50.pth"]:
         open(os.path.join(d, name), "w").write("x")
+    open(os.path.join(d, "metrics.json"), "w").close()
     assert previous_run(d) is None
     claim_output_dir(d, _args())
     _release(d)
+    open(os.path.join(d, "metrics.json"), "w").write('{"iteration": 19}\n')
+    assert previous_run(d) == "metrics.json"
+    claim = claim_output_dir(d, _args(overwrite=True))
+    _release(d)
+    assert sorted(os.path.basename(p) for p in claim.moved) == ["config.yaml", "log.txt", "metrics.json"]
+    assert os.path.isfile(os.path.join(d, "imagenet_r50.pth"))
 
 
 # ---------------------------------------------------------------------------------------------- pruning
@@ -491,3 +500,19 @@ def test_train_net_eval_only_keeps_the_training_runs_config(finished_run, data_r
     assert open(os.path.join(out, "config.yaml")).read() == before
     evaluated = open(os.path.join(out, "config_eval.yaml")).read()
     assert "MIN_SIZE_TEST: 96" in evaluated and evaluated != before
+
+
+@pytest.mark.slow
+def test_train_net_overwrite_with_two_processes_reads_the_moved_weights_in_every_rank(finished_run, data_root,
+                                                                                      tmp_path):
+    """--overwrite in a two-process run: rank 0 moves the previous run aside and every rank reads MODEL.WEIGHTS
+    from its new place (the other ranks wait for the move and learn where the files went)."""
+    out = shutil.copytree(finished_run, str(tmp_path / "run"))
+    weights = os.path.join(out, "model_final.pth")
+    p = _train_net(out, "SOLVER.MAX_ITER", 1, "MODEL.WEIGHTS", weights, data_root=data_root,
+                   flags=["--overwrite", "--num-gpus", 2])
+    moved = glob.glob(os.path.join(out, "previous_run_*", "model_final.pth"))
+    assert len(moved) == 1, os.listdir(out)
+    assert f"it is read from {moved[0]}" in p.stdout + p.stderr
+    assert _pth(out) == ["model_final.pth"] and _iteration(os.path.join(out, "model_final.pth")) == 0
+    assert not glob.glob(os.path.join(out, "previous_run_*", "log.txt.rank1"))  # rank 1 logged after the move

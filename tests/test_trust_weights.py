@@ -199,7 +199,10 @@ def c2_name(rel):
 
 
 def c2_pkl(path, model):
-    blobs = {"fc1000_w": np.zeros((1000, 8), np.float32)}  # the ImageNet classifier: not a backbone tensor
+    # the ImageNet classifier (not a backbone tensor) and the stem conv's bias, as in detectron2's R-50.pkl: the
+    # model's conv before a norm has none (detectron2 logs it among the keys not used)
+    blobs = {"fc1000_w": np.zeros((1000, 8), np.float32), "fc1000_b": np.zeros((1000,), np.float32),
+             "conv1_b": np.zeros((64,), np.float32)}
     for k, v in model.backbone.bottom_up.state_dict().items():
         if c2_name(k):
             blobs[c2_name(k)] = v.numpy().copy()
@@ -222,6 +225,12 @@ def test_caffe2_pkl_goes_through_name_matching_then_the_rule(tmp_path):
     assert f"backbone.bottom_up: {n_params}/{n_params} parameters, 0/40 buffers loaded" in summary(records)
     assert any(r.getMessage() == "Not in the weights, initialised as intended: 40 norm running statistics (affine-only "
                "weights such as MSRA's .pkl: mean 0, variance 1)" for r in records)
+    assert any(r.getMessage().endswith(": stem.conv1.bias") and r.getMessage().startswith("Not used by the model")
+               for r in records)
+    # the same affine-only weights as a .pth (not a Caffe2 file): running statistics missing are missing tensors
+    pth = str(tmp_path / "R-18-no-stats.pth")
+    torch.save({"model": {k: v for k, v in r18.state_dict().items() if "running_" not in k}}, pth)
+    assert "40 of the model's are not in the file" in refused(model_of("R-18")[1], pth, cfg)
     cfg34, r34 = model_of("R-34")
     assert "another depth" in refused(r34, path, cfg34)
     path34 = str(tmp_path / "R-34.pkl")

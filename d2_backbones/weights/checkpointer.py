@@ -237,9 +237,10 @@ class Checkpointer(DetectionCheckpointer):
         self._convert_ndarray_to_tensor(state)
         if checkpoint.get("__author__") == "Caffe2":
             state, _ = convert_c2_detectron_names(state)
+        # detectron2 returns the matched tensors under the model's names and every other file tensor (also those
+        # it dropped for another shape) under the file's name
         aligned = align_and_update_state_dicts(model_state, state, c2_conversion=False)
         checkpoint["matching_heuristics"] = False  # done: detectron2's _load_model must not match again
-        used = {id(v) for v in aligned.values()}
         prefix = PREFIX if any(k.startswith(PREFIX) for k in model_state) else "backbone."
         tops = {k[len(prefix):].split(".")[0] for k in model_state if k.startswith(prefix)}
         stage = re.compile(r"^(stem|(res|stage)\d+)$")
@@ -247,11 +248,25 @@ class Checkpointer(DetectionCheckpointer):
         def bottom_up(k: str) -> bool:
             return k.split(".")[0] in tops or bool(stage.match(k.split(".")[0]))
 
-        out = {}
+        out = {k: v for k, v in aligned.items() if k in model_state}
+        skipped, unused_biases = [], []
         for k, v in aligned.items():
-            out[prefix + k if k not in model_state and bottom_up(k) else k] = v
+            if k in model_state:
+                continue
+            if not bottom_up(k):
+                out[k] = v  # a classifier (fc1000) and the like: not the bottom-up network's
+            elif prefix + k in out:
+                skipped.append((prefix + k, tuple(v.shape)))  # matched already by another file tensor
+            elif k.endswith(".bias") and prefix + k[:-5] + ".weight" in model_state and checkpoint.get(
+                    "__author__") == "Caffe2":
+                unused_biases.append(k)  # MSRA's conv1_b: the model's conv before a norm has no bias
+            else:
+                out[prefix + k] = v  # another shape than the model's tensor of that name, or not in the model
+        if unused_biases:
+            self.logger.info(f"Not used by the model (its convolutions before a norm have no bias, as in "
+                             f"detectron2): {', '.join(unused_biases)}")
         checkpoint["model"] = out
-        return [(prefix + k, tuple(v.shape)) for k, v in state.items() if id(v) not in used and bottom_up(k)]
+        return skipped
 
     def _out_features_key(self) -> str:
         name = getattr(getattr(getattr(self.cfg, "MODEL", None), "BACKBONE", None), "NAME", None)
@@ -308,7 +323,8 @@ class Checkpointer(DetectionCheckpointer):
         check_shape_skips(keys, shapes, metadata, loaded_keys=file_keys, log=self.logger, policy=self._policy())
         check_missing_backbone(keys, [k for k in keys if k not in state], metadata, log=self.logger,
                                policy=self._policy())
-        bottom_up = compare_bottom_up(model_state, state, shape_skipped=skipped_by_matching)
+        bottom_up = compare_bottom_up(model_state, state, shape_skipped=skipped_by_matching,
+                                      affine_only_norms=checkpoint.get("__author__") == "Caffe2")
         units = bottom_up_units(self._bare(), bottom_up.prefix) if bottom_up is not None else []
         self.incomplete_load = check_bottom_up(
             bottom_up, source=str(self._loading), units=units, file_state=state, policy=self._policy(),

@@ -319,11 +319,17 @@ class BottomUpLoad:
                 f"missing, {len(self.unexpected)} unexpected, {len(self.shapes)} of another shape)")
 
 
+_RUNNING_STATS = OPTIONAL_KINDS[2][0]
+
+
 def compare_bottom_up(model_state: Mapping[str, Any], file_state: Mapping[str, Any], *,
-                      shape_skipped: Sequence[Tuple[str, Tuple[int, ...]]] = ()) -> Optional[BottomUpLoad]:
+                      shape_skipped: Sequence[Tuple[str, Tuple[int, ...]]] = (),
+                      affine_only_norms: bool = False) -> Optional[BottomUpLoad]:
     """Compare a file's tensors (in the model's names) with the model's bottom-up network.
 
     ``shape_skipped``: ``(key, shape)`` of file tensors that name matching already dropped for another shape.
+    ``affine_only_norms``: the file's norms have no running statistics by construction (Caffe2/MSRA ``.pkl``:
+    affine-only); for any other file running statistics the model has and the file lacks are missing tensors.
     None when the model has no backbone or the file holds no bottom-up tensor (ImageNet weights lack the FPN and
     heads; an empty file loads nothing, as the summary says).
     """
@@ -343,6 +349,8 @@ def compare_bottom_up(model_state: Mapping[str, Any], file_state: Mapping[str, A
     held = set(file) | {k for k, _ in shape_skipped}
     initialised = {}
     for name, pattern in OPTIONAL_KINDS:
+        if name == _RUNNING_STATS and not affine_only_norms:
+            continue
         if not any(pattern.search(k) for k in held):
             kind = [k for k in missing if pattern.search(k)]
             if kind:
