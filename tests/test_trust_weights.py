@@ -227,6 +227,17 @@ def test_caffe2_pkl_goes_through_name_matching_then_the_rule(tmp_path):
                "weights such as MSRA's .pkl: mean 0, variance 1)" for r in records)
     assert any(r.getMessage().endswith(": stem.conv1.bias") and r.getMessage().startswith("Not used by the model")
                for r in records)
+    # detectron2's tools/convert-torchvision-to-d2.py output: d2 names, the classifier as stem.fc.*, heuristics on
+    tv = {k: v.numpy().copy() for k, v in r18.backbone.bottom_up.state_dict().items()}
+    tv.update({"stem.fc.weight": np.zeros((1000, 512), np.float32), "stem.fc.bias": np.zeros((1000,), np.float32)})
+    tv_path = str(tmp_path / "R-18-torchvision.pkl")
+    with open(tv_path, "wb") as f:
+        pickle.dump({"model": tv, "__author__": "torchvision", "matching_heuristics": True}, f)
+    cfg, model = model_of("R-18")
+    with logs() as records:
+        Checkpointer(model, cfg=cfg).load(tv_path)
+    assert f"backbone.bottom_up: {n_params}/{n_params} parameters, 40/40 buffers loaded" in summary(records)
+    assert any(r.getMessage().endswith(": stem.fc.bias, stem.fc.weight") for r in records)
     # the same affine-only weights as a .pth (not a Caffe2 file): running statistics missing are missing tensors
     pth = str(tmp_path / "R-18-no-stats.pth")
     torch.save({"model": {k: v for k, v in r18.state_dict().items() if "running_" not in k}}, pth)

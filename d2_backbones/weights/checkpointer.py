@@ -65,6 +65,11 @@ __all__ = ["Checkpointer", "PeriodicCheckpointer", "NonFiniteCheckpointError", "
            "state_nbytes"]
 
 
+# an ImageNet classifier left in a heuristically matched file: detectron2's torchvision converter renames fc.* to
+# stem.fc.* (a name under the bottom-up network's stem that no model has)
+_CLASSIFIER_LEFTOVER = re.compile(r"^(stem\.)?(fc|fc1000|classifier|linear)\.(weight|bias)$")
+
+
 class NonFiniteCheckpointError(FloatingPointError):
     """The model holds NaN/Inf values: it was not saved."""
 
@@ -249,7 +254,7 @@ class Checkpointer(DetectionCheckpointer):
             return k.split(".")[0] in tops or bool(stage.match(k.split(".")[0]))
 
         out = {k: v for k, v in aligned.items() if k in model_state}
-        skipped, unused_biases = [], []
+        skipped, unused_biases = [], []  # unused_biases: file tensors the model has no place for, by design
         for k, v in aligned.items():
             if k in model_state:
                 continue
@@ -260,11 +265,13 @@ class Checkpointer(DetectionCheckpointer):
             elif k.endswith(".bias") and prefix + k[:-5] + ".weight" in model_state and checkpoint.get(
                     "__author__") == "Caffe2":
                 unused_biases.append(k)  # MSRA's conv1_b: the model's conv before a norm has no bias
+            elif _CLASSIFIER_LEFTOVER.match(k):
+                unused_biases.append(k)  # detectron2's convert-torchvision-to-d2.py turns fc.* into stem.fc.*
             else:
                 out[prefix + k] = v  # another shape than the model's tensor of that name, or not in the model
         if unused_biases:
-            self.logger.info(f"Not used by the model (its convolutions before a norm have no bias, as in "
-                             f"detectron2): {', '.join(unused_biases)}")
+            self.logger.info(f"Not used by the model, as in detectron2 (an ImageNet classifier; a bias of a "
+                             f"convolution the model follows with a norm): {', '.join(unused_biases)}")
         checkpoint["model"] = out
         return skipped
 
