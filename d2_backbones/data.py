@@ -63,7 +63,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.file_io import PathManager
 
-from .errors import ConfigError
+from .errors import ConfigError, is_int
 
 __all__ = ["register_coco_datasets", "check_coco_dataset", "check_coco_data", "coco_classes", "register_used_shapes",
            "SHAPES_DATASETS", "CATEGORIES", "make_shapes", "register_shapes", "default_root", "CheckedDatasetMapper",
@@ -155,7 +155,7 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
         raise ConfigError(f"{where}: every entry of 'categories' needs an 'id' and a 'name' ({e!r}).") from None
     if not cat_ids:
         problems.append("'categories' is empty: detectron2 needs the list of classes.")
-    not_int = [c["id"] for c in cats if not _is_int(c["id"])]
+    not_int = [c["id"] for c in cats if not is_int(c["id"])]
     if not_int:
         problems.append(f"{len(not_int)} categor{'y has' if len(not_int) == 1 else 'ies have'} an 'id' that is not an "
                         f"integer: {_ids([repr(i) for i in not_int])} (detectron2 maps integer category ids to "
@@ -178,7 +178,7 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
         problems.append(f"{len(incomplete)} of {len(images)} images lack 'id', 'file_name' or a positive "
                         f"'width'/'height' (detectron2 reads all four): image ids {_ids(incomplete)}.")
     image_ids = [im.get("id") for im in images if isinstance(im, dict) and "id" in im]
-    not_int = [i for i in image_ids if not _is_int(i)]
+    not_int = [i for i in image_ids if not is_int(i)]
     if not_int:
         problems.append(f"{len(not_int)} of {len(images)} images have an 'id' that is not an integer: "
                         f"{_ids([repr(i) for i in not_int])} (COCO image ids are integers; detectron2 finds no "
@@ -186,7 +186,7 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
                         f"image_id too.")
     seen, duplicate = {}, {}
     for im in images:
-        if isinstance(im, dict) and _is_int(im.get("id")):
+        if isinstance(im, dict) and is_int(im.get("id")):
             if im["id"] in seen:
                 duplicate.setdefault(im["id"], [seen[im["id"]]]).append(im.get("file_name"))
             else:
@@ -210,7 +210,7 @@ def check_coco_data(name: str, data, json_file: str, image_root: str, check_imag
         if not isinstance(a, dict):
             continue
         iid = a.get("image_id")
-        if not _is_int(iid):
+        if not is_int(iid):
             ann_image_not_int.append((a.get("id"), iid))
         elif iid not in known_images:
             ann_image_unknown.append((a.get("id"), iid))
@@ -331,10 +331,6 @@ def _missing_files(image_root: str, files: Sequence[str]) -> List[str]:
         if base not in names and not os.path.isfile(path):
             missing.append(fn)
     return missing
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # PNG: signature, then the IHDR chunk (length, "IHDR", width, height, bit depth, colour type).

@@ -21,13 +21,24 @@ argument -> config-key table, and the same errors then name the config keys::
 import contextlib
 import contextvars
 import difflib
+import numbers
 from typing import Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values", "check_out_features",
-           "check_freeze_at", "check_bools", "arg_key", "argument_keys"]
+           "check_freeze_at", "check_bools", "arg_key", "argument_keys", "is_int", "is_number"]
 
 
 _ARG_KEYS: contextvars.ContextVar = contextvars.ContextVar("d2_backbones_arg_keys", default={})
+
+
+def is_int(value) -> bool:
+    """An integer config value (``True``/``False`` are not: yacs and Python configs pass bools as ints)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real config value that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def arg_key(name: str) -> str:

@@ -23,7 +23,6 @@ names of the keys, so its message names the key the user wrote, the value, the v
 """
 import logging
 import math
-import numbers
 import os
 import shlex
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -32,7 +31,7 @@ import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .errors import ConfigError
+from .errors import ConfigError, is_int, is_number
 
 __all__ = ["check_device", "check_num_processes", "check_dataset_files", "check_yacs_overrides", "check_values",
            "check_yacs_solver", "warn_large_sizes", "is_out_of_memory", "out_of_memory_error", "divergence_cause",
@@ -185,18 +184,10 @@ def check_yacs_overrides(opts: Sequence[str], cfg_factory) -> None:
 
 # ---------------------------------------------------------------------------------------------- values
 _RULES = {
-    "int>=1": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
-    "int>=0": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
-    "lr": ("a finite number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+    "int>=1": ("an integer >= 1", lambda v: is_int(v) and v >= 1),
+    "int>=0": ("an integer >= 0", lambda v: is_int(v) and v >= 0),
+    "lr": ("a finite number > 0", lambda v: is_number(v) and math.isfinite(v) and v > 0),
 }
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_values(checks: Sequence[Tuple[str, Any, str, str]]) -> None:
@@ -227,14 +218,14 @@ def check_yacs_solver(cfg) -> None:
         ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, "int>=0", "set TEST.EVAL_PERIOD 0 to evaluate only at the end"),
     ])
     ref = s.REFERENCE_WORLD_SIZE
-    if _is_int(ref) and ref > 0 and s.IMS_PER_BATCH % ref:
+    if is_int(ref) and ref > 0 and s.IMS_PER_BATCH % ref:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH={s.IMS_PER_BATCH} is not divisible by SOLVER.REFERENCE_WORLD_SIZE="
                           f"{ref}, so detectron2 cannot rescale the batch to the number of processes. Fix: a multiple "
                           f"of {ref}, or SOLVER.REFERENCE_WORLD_SIZE 0 to use the numbers as written.")
     if s.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
         return
     steps = list(s.STEPS)
-    bad = [i for i in range(len(steps)) if not _is_int(steps[i]) or steps[i] <= (steps[i - 1] if i else 0)]
+    bad = [i for i in range(len(steps)) if not is_int(steps[i]) or steps[i] <= (steps[i - 1] if i else 0)]
     if bad:
         raise ConfigError(f"SOLVER.STEPS={tuple(steps)} is invalid; valid: increasing integers > 0 (the iterations "
                           f"where the learning rate drops). Fix: e.g. SOLVER.STEPS \"({int(s.MAX_ITER * 0.75)},)\".")
@@ -247,7 +238,7 @@ def warn_large_sizes(sizes: Mapping[str, Any]) -> None:
     """One WARNING per input-size key with a side above :data:`LARGE_SIZE` pixels."""
     for key, value in sizes.items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        big = [v for v in values if _is_number(v) and v > LARGE_SIZE]
+        big = [v for v in values if is_number(v) and v > LARGE_SIZE]
         if big:
             logger.warning(f"{key}={value!r}: images with a side above {LARGE_SIZE} px need many GiB per image in a "
                            f"training step; expect an out-of-memory error unless this is intended.")

@@ -45,7 +45,7 @@ from typing import Dict, Iterator, List, Optional
 
 from detectron2.utils.events import EventWriter
 
-from .errors import ConfigError
+from .errors import ConfigError, is_int
 
 __all__ = ["LOCK_NAME", "OutputDirInUseError", "lock_output_dir", "previous_run", "move_previous_run",
            "claim_output_dir", "Claim", "check_max_to_keep", "last_complete_checkpoint", "no_space_error",
@@ -252,7 +252,7 @@ def check_max_to_keep(value, key: str = "SOLVER.MAX_TO_KEEP") -> Optional[int]:
     """The number of periodic checkpoints to keep: ``None`` (keep all) for ``None``, ``0`` and ``-1``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    if not is_int(value) or value < -1:
         raise ConfigError(f"{key}={value!r} is not valid. Valid values: a positive number of periodic checkpoints "
                           f"to keep, or 0 / -1 to keep them all. Fix: set {key} 0 to keep every checkpoint.")
     return value if value > 0 else None
