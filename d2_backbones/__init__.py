@@ -54,23 +54,24 @@ def _check_detectron2():
 
 _check_detectron2()
 
-from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .errors import ConfigError  # noqa: E402
-from .families import FAMILIES, Family, FamilyBackbone  # noqa: E402
+from .families import FAMILIES, Family, FamilyBackbone, register_family  # noqa: E402
+# The family homes: importing each one registers its family (FAMILIES, in this order).
 from .fpn import build_fpn  # noqa: E402
-from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa: E402
 from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
 from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, convert_vovnet_detectron2  # noqa: E402
+from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa: E402
+from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
-from .inference import OptimizedPredictor, is_optimized_for_inference, optimize_for_inference  # noqa: E402
-from .predictor import Predictor  # noqa: E402
+from .inference import is_optimized_for_inference, optimize_for_inference  # noqa: E402
+from .predictor import OptimizedPredictor, Predictor  # noqa: E402
 from .model_zoo import get_config_file  # noqa: E402  (the configs shipped with the package)
 from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
 from .yaml_safety import UnsafeYamlError, allow_unsafe_yaml  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
-from .build import REGISTERED_NAMES, check_head_features, kwargs_from_cfg, register_family  # noqa: E402
+from .build import REGISTERED_NAMES, check_head_features, kwargs_from_cfg  # noqa: E402
 
 install_config_hints()
 _build.install_registry_hints()

@@ -31,10 +31,9 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 from detectron2.utils import comm
 
-from . import config as _config
 from .config import cfg_get
 from .errors import RegistryKeyError, argument_keys, config_error, format_values, nearest_first
-from .families import FAMILIES, Family, family_of_builder
+from .families import FAMILIES, Family, family_of_builder, on_register, register_family
 from .fpn import build_fpn, describe_features
 from .summary import summarize_backbone
 
@@ -120,28 +119,6 @@ def resolve_freeze_at(cfg: CfgNode, alias_key: str = "") -> int:
     return alias + 1
 
 
-def _resnet_strides_dilations(cfg: CfgNode, kw: Dict) -> Dict:
-    """detectron2's ``MODEL.RESNETS.RES5_DILATION`` on top of ``STAGE_STRIDES``/``STAGE_DILATIONS``."""
-    strides, dilations = list(kw["strides"]), list(kw["dilations"])
-    res5 = cfg.MODEL.RESNETS.RES5_DILATION
-    if res5 not in (1, 2):
-        raise config_error("MODEL.RESNETS.RES5_DILATION", res5, [1, 2],
-                           fix="use MODEL.RESNETS.STAGE_DILATIONS / STAGE_STRIDES for other dilations")
-    if res5 == 2 and len(dilations) == 4 and len(strides) == 4:
-        if dilations[3] == 1:  # detectron2's convention: res5 keeps stride 16 and dilates by 2
-            dilations[3], strides[3] = 2, 1
-        elif dilations[3] != 2:
-            raise config_error("MODEL.RESNETS.RES5_DILATION", res5,
-                               problem=f"disagrees with MODEL.RESNETS.STAGE_DILATIONS={dilations}",
-                               fix="set only MODEL.RESNETS.STAGE_DILATIONS (and STAGE_STRIDES) and leave "
-                                   "RES5_DILATION at 1")
-    return {**kw, "strides": strides, "dilations": dilations}
-
-
-# A family whose config needs more than one key per argument adds its function here.
-_EXTRA_KWARGS: Dict[str, Callable[[CfgNode, Dict], Dict]] = {"resnet": _resnet_strides_dilations}
-
-
 def kwargs_from_cfg(family: Union[str, Family], cfg: CfgNode, input_shape: Optional[ShapeSpec] = None) -> Dict:
     """The constructor keyword arguments of ``family`` from ``cfg`` (its ``arg_keys``; no building).
 
@@ -159,8 +136,7 @@ def kwargs_from_cfg(family: Union[str, Family], cfg: CfgNode, input_shape: Optio
         kw["freeze_at"] = resolve_freeze_at(cfg, fam.freeze_alias_key)
     kw["in_channels"] = (input_shape.channels if input_shape is not None and input_shape.channels
                          else len(cfg.MODEL.PIXEL_MEAN))
-    extra = _EXTRA_KWARGS.get(fam.name)
-    return extra(cfg, kw) if extra else kw
+    return fam.extra_kwargs(cfg, kw) if fam.extra_kwargs else kw
 
 
 FPN_KEYS = {
@@ -214,22 +190,12 @@ def _make_builder(fam: Family, fpn: bool) -> Callable:
     return builder
 
 
-def register_family(family: Family) -> Family:
-    """Add ``family`` to :data:`~d2_backbones.families.FAMILIES` and register its two builders.
-
-    Its config keys are added by every later :func:`d2_backbones.add_config` /
-    :func:`d2_backbones.get_cfg`. Registering the same family again replaces it.
-    """
-    FAMILIES[family.name] = family
-    _config._template.cache_clear()
+@on_register
+def _register_builders(family: Family) -> None:
+    """Register the two builders of ``family`` (every family of FAMILIES, and each one registered later)."""
     for fpn in (False, True):
         _register(_make_builder(family, fpn))
     REGISTRY_ALIASES.update(family.aliases)
-    return family
-
-
-for _fam in list(FAMILIES.values()):
-    register_family(_fam)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,14 +4,13 @@
 harmless, existing values are never changed, detectron2's global defaults are never
 touched). :func:`get_cfg` is ``detectron2.config.get_cfg()`` plus these keys.
 
-Keys detectron2 already has are reused where the meaning is the same:
-``MODEL.BACKBONE.FREEZE_AT`` (frozen stages), ``MODEL.RESNETS.STRIDE_IN_1X1`` (caffe vs
-pytorch style), ``DEPTH``, ``NUM_GROUPS``, ``WIDTH_PER_GROUP``, ``NORM``,
-``STEM_OUT_CHANNELS``, ``RES2_OUT_CHANNELS``, ``RES5_DILATION``, ``DEFORM_*`` and
-``MODEL.FPN.{IN_FEATURES, OUT_CHANNELS, NORM, FUSE_TYPE}``.
-
-Each family adds its section below; every key has a comment (options and meaning) and a
-row in the README (a test keeps the two in sync).
+This module knows no family by name: each family's section (its keys, their defaults and a
+comment with the options) lives in the family's own module and is named by its
+:class:`~d2_backbones.families.Family` record (``add_config_keys``). The sections below belong to no
+family: the FPN (``MODEL.FPN.*`` beyond detectron2's ``IN_FEATURES``, ``OUT_CHANNELS``, ``NORM``,
+``FUSE_TYPE``), training and evaluation. Keys detectron2 already has are reused where the meaning is
+the same (``MODEL.BACKBONE.FREEZE_AT``, ``MODEL.RESNETS.DEPTH``, ...). Every key is documented once,
+in ``docs/configuration.md`` (a test keeps the two in sync).
 """
 import copy
 import difflib
@@ -23,43 +22,10 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _d2_get_cfg
 
 from .errors import RegistryKeyError
+from .families import FAMILIES, on_register
 from .yaml_safety import install_safe_yaml
 
 __all__ = ["add_config", "get_cfg", "our_keys", "cfg_get", "install_config_hints"]
-
-
-def _resnet_keys(_C: CN) -> None:
-    _C.MODEL.RESNETS = CN()
-    # Deep stem (ResNet-V1c): three 3x3 convs (STEM_OUT_CHANNELS/2 stride 2, /2, STEM_OUT_CHANNELS)
-    # instead of the 7x7 conv. Options: True, False (MMDetection `deep_stem`).
-    _C.MODEL.RESNETS.DEEP_STEM = False
-    # Average-pool shortcuts (ResNet-V1d with DEEP_STEM): a strided shortcut becomes
-    # AvgPool2d(s, s, ceil_mode=True) + 1x1 conv with stride 1. Options: True, False (mmdet `avg_down`).
-    _C.MODEL.RESNETS.AVG_DOWN = False
-    # Stride of the first block of res2..res5 (4 positive ints; mmdet `strides`).
-    _C.MODEL.RESNETS.STAGE_STRIDES = [1, 2, 2, 2]
-    # Dilation of the 3x3 convs of res2..res5 (4 positive ints; mmdet `dilations`). detectron2's
-    # RES5_DILATION=2 is still honoured: it means STAGE_STRIDES[3]=1, STAGE_DILATIONS[3]=2.
-    _C.MODEL.RESNETS.STAGE_DILATIONS = [1, 1, 1, 1]
-    # MMDetection-style alias of MODEL.BACKBONE.FREEZE_AT: None = unset, -1 = nothing frozen,
-    # 0 = stem, k = stem + res2..res(k+1)... i.e. FROZEN_STAGES k == FREEZE_AT k+1.
-    # Setting both to disagreeing values is an error (FREEZE_AT left at detectron2's default 2
-    # counts as unset).
-    _C.MODEL.RESNETS.FROZEN_STAGES = None
-    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
-    # parameters still learn unless their stage is frozen. Options: True, False.
-    _C.MODEL.RESNETS.NORM_EVAL = False
-    # Gradient checkpointing per residual block (mmdet `with_cp`): same outputs and gradients,
-    # less activation memory, ~25-35% more compute per training step. Options: True, False.
-    _C.MODEL.RESNETS.WITH_CP = False
-    # Zero-initialise the last norm weight of every residual branch (mmdet `zero_init_residual`);
-    # only matters when training without pretrained weights. Options: True, False.
-    _C.MODEL.RESNETS.ZERO_INIT_RESIDUAL = False
-    # Plugins inserted in the residual blocks (mmdet `plugins`). A list of mappings:
-    #   {TYPE: "gc" (GCNet context block) | "se" (squeeze-excitation),
-    #    POSITION: "after_conv1" | "after_conv2" | "after_conv3" (default),
-    #    STAGES: [4 bools for res2..res5] (default all), RATIO: hidden/in channels (default 1/16)}
-    _C.MODEL.RESNETS.PLUGINS = []
 
 
 def _fpn_keys(_C: CN) -> None:
@@ -105,82 +71,21 @@ def _train_keys(_C: CN) -> None:
     _C.MODEL.WEIGHTS_CHECK = "error"
 
 
-# Sections that belong to no family; each family's section is named in its FAMILIES record.
+# Sections that belong to no family; each family's section is its record's ``add_config_keys``.
 _SECTIONS: List[Callable[[CN], None]] = [_fpn_keys, _train_keys]
-
-
-def _ghostnet_keys(_C: CN) -> None:
-    _C.MODEL.GHOSTNET = CN()
-    # Channel multiplier: any positive float. 0.5, 1.0, 1.3 are timm's ghostnet_050/100/130;
-    # ImageNet weights exist for 1.0 only (timm ghostnet_100.in1k; Huawei's state_dict_73.98.pth).
-    _C.MODEL.GHOSTNET.WIDTH = 1.0
-    # Features to return, each taken at the end of its resolution: "stem" (stride 2, after
-    # blocks.0), "stage2" (4, after blocks.2), "stage3" (8, after blocks.4), "stage4" (16, after
-    # blocks.6), "stage5" (32, after blocks.9 or blocks.8, see FINAL_CONV). Later groups are not built.
-    _C.MODEL.GHOSTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
-    # Norm of every layer: "FrozenBN" (detectron2's default for pretrained backbones), "BN",
-    # "SyncBN", "naiveSyncBN", "nnSyncBN", "LN". "GN" fails: GhostNet has 8..56-channel layers
-    # that 32 groups do not divide.
-    _C.MODEL.GHOSTNET.NORM = "FrozenBN"
-    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
-    # parameters still learn unless their stage is frozen. Options: True, False.
-    _C.MODEL.GHOSTNET.NORM_EVAL = False
-    # Gradient checkpointing per Ghost bottleneck: same outputs and gradients, less activation
-    # memory, more compute per training step. Options: True, False.
-    _C.MODEL.GHOSTNET.WITH_CP = False
-    # Where "stage5" is taken. True: after the final 1x1 conv + norm + ReLU (blocks.9; 960
-    # channels at width 1.0, as the reference network). False: before it (after blocks.8; 160
-    # channels at width 1.0) and blocks.9 is not built.
-    _C.MODEL.GHOSTNET.FINAL_CONV = True
-
-
-
-
-def _vovnet_keys(_C: CN) -> None:
-    # Same node and key names as vovnet-detectron2 / centermask2 (their yamls merge unchanged);
-    # their dead keys OUT_CHANNELS and BACKBONE_OUT_CHANNELS are not added (no yaml of either
-    # project sets them; the FPN width is MODEL.FPN.OUT_CHANNELS).
-    _C.MODEL.VOVNET = CN()
-    # Architecture: "V-19-slim-dw-eSE", "V-19-dw-eSE", "V-19-slim-eSE", "V-19-eSE", "V-39-eSE",
-    # "V-57-eSE", "V-99-eSE" (VoVNetV2, vovnet-detectron2's names) or "VoVNetV1-39", "VoVNetV1-57"
-    # (no identity, no eSE; timm vovnet39a/57a). See d2_backbones.vovnet.VOVNET_SPECS.
-    _C.MODEL.VOVNET.CONV_BODY = "V-39-eSE"
-    # Features to return: "stem" (stride 4), "stage2" (4), "stage3" (8), "stage4" (16),
-    # "stage5" (32). Stages after the last one listed are not built.
-    _C.MODEL.VOVNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
-    # Norm of every layer: "FrozenBN" (vovnet-detectron2's default), "BN", "SyncBN",
-    # "naiveSyncBN", "nnSyncBN", "GN" (GroupNorm(32, C): fails for the slim variants, whose 80-
-    # and 112-channel layers 32 does not divide), "" (no norm; convs get a bias).
-    _C.MODEL.VOVNET.NORM = "FrozenBN"
-    # Where the eSE gates are: "" (the CONV_BODY's own: "all" for V-*-eSE, "none" for VoVNetV1),
-    # "all" (every OSA module: vovnet-detectron2/CenterMask, needed for their checkpoints),
-    # "last" (last module of each stage: timm ese_vovnet*, needed for timm weights), "none".
-    _C.MODEL.VOVNET.ESE_PLACEMENT = ""
-    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
-    # parameters still learn unless their stage is frozen. Options: True, False.
-    _C.MODEL.VOVNET.NORM_EVAL = False
-    # Gradient checkpointing inside every OSA module (each 3x3 layer and the concat + 1x1 + eSE part are
-    # recomputed apart): same outputs and gradients, less activation memory,
-    # more compute per training step. Options: True, False.
-    _C.MODEL.VOVNET.WITH_CP = False
-    # Deformable 3x3 OSA layers per stage (4 bools for stage2..stage5; centermask2's key), e.g.
-    # [False, True, True, True]. Not available for the dw variants.
-    _C.MODEL.VOVNET.STAGE_WITH_DCN = [False, False, False, False]
-    # DCNv2 (offsets + modulation mask) instead of DCNv1 (offsets only). Options: True, False.
-    _C.MODEL.VOVNET.WITH_MODULATED_DCN = False
-    # Offset groups of the deformable convs (positive int dividing the layer widths).
-    _C.MODEL.VOVNET.DEFORMABLE_GROUPS = 1
 
 
 @functools.lru_cache(maxsize=1)
 def _template() -> CN:
     t = CN()
     t.MODEL = CN()
-    from .families import FAMILIES
-
     for section in [f.add_config_keys for f in FAMILIES.values()] + _SECTIONS:
         section(t)
     return t
+
+
+# a family registered later (a fourth family, a test's toy family) adds its keys to every later add_config
+on_register(lambda family: _template.cache_clear())
 
 
 def _flatten(node: CN, prefix: str = "") -> Dict[str, object]:

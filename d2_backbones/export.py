@@ -72,6 +72,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .config import get_cfg
 from .weights import Checkpointer
 
 __all__ = [
@@ -128,9 +129,7 @@ class Normalize(nn.Module):
 
 def setup_cfg(config_file: str = "", opts: Sequence[str] = ()):
     """``d2_backbones.get_cfg()`` + ``config_file`` + ``opts`` (the order training uses), on CPU."""
-    import d2_backbones
-
-    cfg = d2_backbones.get_cfg()
+    cfg = get_cfg()
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + list(opts))

@@ -1,21 +1,27 @@
-"""The families: one record each (:data:`FAMILIES`) and the interface every family class implements.
+"""The families: the interface every family class implements, the :class:`Family` record and the registry.
 
-Every tool of the package reads this table instead of naming the families itself: the config
+This module knows no family by name. Each family lives in one module of its own (its *home*:
+``resnet.py``, ``vovnet.py``, ``ghostnet.py``, ``timm.py``) holding the model, its spec table, its config
+section, its weight formats and key maps, its extra builder arguments, its contract variants and one
+:class:`Family` record that the module passes to :func:`register_family` when it is imported. Every tool
+of the package reads :data:`FAMILIES` instead of naming the families itself: the config
 (:func:`d2_backbones.add_config` adds each family's keys), the registered builders
 (``build_d2b_<name>_backbone`` / ``build_d2b_<name>_fpn_backbone``), the model table and the
-benchmarks (``variants``), the weights layer (``weight_formats``, and which family a
-``MODEL.BACKBONE.NAME`` builds), export, the summary and the inference folding (through the
-interface).
+benchmarks (``variants``), the weights layer (``weight_formats``, which family a
+``MODEL.BACKBONE.NAME`` builds), the contract tests (``contract_variants``), export, the summary and
+the inference folding (through the interface).
 
-Adding a fourth family (see ``docs/adding_a_family.md``): write ``<name>.py`` with a class that
-implements :class:`FamilyBackbone` and takes plain keyword arguments, a function adding its
-config keys, and one :class:`Family` record passed to :func:`d2_backbones.register_family`
-(for a family of the package itself: appended to :data:`FAMILIES` below). Nothing else changes.
+Adding a family (``docs/adding_a_family.md``): one module with a class implementing
+:class:`FamilyBackbone` (plain keyword arguments, never a cfg), a function adding its config keys and a
+:class:`Family` record passed to :func:`register_family`; plus its yaml/Python configs. Nothing else.
+
+Imports point one way: ``errors``/``layers``/``fpn`` <- ``families`` (this registry) and
+``weights`` (generic) <- the family homes <- ``config``/``build`` <- trainers, predictors, tools.
 
 Example::
 
     >>> from d2_backbones import FAMILIES
-    >>> [(f.name, f.config_node, f.builder_names[1]) for f in FAMILIES.values()]
+    >>> [(f.name, f.config_node, f.builder_names[1]) for f in FAMILIES.values()][:3]
     [('resnet', 'MODEL.RESNETS', 'build_d2b_resnet_fpn_backbone'), ('vovnet', 'MODEL.VOVNET', 'build_d2b_vovnet_fpn_backbone'), ('ghostnet', 'MODEL.GHOSTNET', 'build_d2b_ghostnet_fpn_backbone')]
 """
 from dataclasses import dataclass, field
@@ -25,11 +31,11 @@ from torch import nn
 
 from detectron2.layers import ShapeSpec
 
-from .ghostnet import GHOSTNET_FEATURES, GhostNet
-from .resnet import RESNET_FEATURES, build_resnet
-from .vovnet import VOVNET_FEATURES, VOVNET_SPECS, VoVNet
+__all__ = ["FamilyBackbone", "Family", "FAMILIES", "family_of_builder", "register_family", "on_register",
+           "BACKBONE_KEYS"]
 
-__all__ = ["FamilyBackbone", "Family", "FAMILIES", "family_of_builder"]
+# The keys every family shares (detectron2's own), for a record's ``arg_keys``.
+BACKBONE_KEYS = {"freeze_at": "MODEL.BACKBONE.FREEZE_AT"}
 
 
 @runtime_checkable
@@ -90,6 +96,20 @@ class Family:
         aliases: other packages' builder names that resolve to ours while those packages are not
             imported (vovnet-detectron2's ``build_vovnet_fpn_backbone``).
         freeze_alias_key: an mmdet-style ``frozen_stages`` alias of ``MODEL.BACKBONE.FREEZE_AT``.
+        extra_kwargs: ``fn(cfg, kwargs) -> kwargs`` for arguments that need more than one key (ResNet's
+            ``RES5_DILATION`` on top of ``STAGE_STRIDES``/``STAGE_DILATIONS``).
+        weight_formats: the :class:`~d2_backbones.weights.formats.WeightFormat` rows that convert other
+            projects' files into this family, in detection order.
+        describe_weights: ``fn(bare_state) -> (text, {config key: value}) | None``: what a state dict in
+            this family's names holds ("a ResNet R-50 backbone", ``{"MODEL.RESNETS.DEPTH": 50}``).
+        effective_config: config key -> ``fn(cfg, value)`` for keys whose value can mean something else
+            than it says (VoVNet's ``ESE_PLACEMENT: ""``); the weights' metadata is compared with that.
+        optional_weights: ``(kind, regex)`` of model tensors that weights of the plain network lack by design
+            (deformable-conv offsets, plugins): kept at their initialisation when a file has none of a kind.
+        also_built_by: other packages' builder names that read this family's config node
+            (detectron2's ``build_resnet_backbone`` reads ``MODEL.RESNETS``).
+        contract_variants: variant id -> constructor kwargs that ``tests/test_contract.py`` runs the family
+            contract on; ids in ``heavy_variants`` run in the slow tier.
     """
 
     name: str
@@ -102,6 +122,14 @@ class Family:
     config_dir: str = ""
     aliases: Mapping[str, str] = field(default_factory=dict)
     freeze_alias_key: str = ""
+    extra_kwargs: Optional[Callable[[Any, Dict], Dict]] = None
+    weight_formats: Tuple[Any, ...] = ()
+    describe_weights: Optional[Callable[[Mapping], Optional[Tuple[str, Dict]]]] = None
+    effective_config: Mapping[str, Callable[[Any, Any], Any]] = field(default_factory=dict)
+    optional_weights: Tuple[Tuple[str, Any], ...] = ()
+    also_built_by: Tuple[str, ...] = ()
+    contract_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    heavy_variants: Tuple[str, ...] = ()
 
     @property
     def builder_names(self) -> Tuple[str, str]:
@@ -118,11 +146,34 @@ class Family:
         return self.arg_keys["out_features"]
 
     @property
-    def weight_formats(self) -> Tuple[str, ...]:
+    def weight_format_names(self) -> Tuple[str, ...]:
         """Names of the weight formats :mod:`d2_backbones.weights` converts into this family."""
-        from .weights.formats import FORMATS
+        return tuple(f.name for f in self.weight_formats)
 
-        return tuple(f.name for f in FORMATS.values() if f.family == self.name)
+
+FAMILIES: Dict[str, Family] = {}
+_LISTENERS: List[Callable[[Family], None]] = []
+
+
+def on_register(fn: Callable[[Family], None]) -> Callable[[Family], None]:
+    """Call ``fn(family)`` for every family registered so far and every later one (how :mod:`d2_backbones.build`
+    registers the builders and :mod:`d2_backbones.config` learns the keys, without this module importing them)."""
+    _LISTENERS.append(fn)
+    for fam in list(FAMILIES.values()):
+        fn(fam)
+    return fn
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to :data:`FAMILIES` and register its two builders in detectron2's ``BACKBONE_REGISTRY``.
+
+    Its config keys are added by every later :func:`d2_backbones.add_config` / :func:`d2_backbones.get_cfg`.
+    Registering a family of the same name again replaces it.
+    """
+    FAMILIES[family.name] = family
+    for fn in _LISTENERS:
+        fn(family)
+    return family
 
 
 def family_of_builder(name: str) -> Optional[Family]:
@@ -133,63 +184,10 @@ def family_of_builder(name: str) -> Optional[Family]:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# the package's families; their config keys live in config.py (one section each)
-# ---------------------------------------------------------------------------------------------
-def _config_section(name: str) -> Callable[[Any], None]:
-    def add(cfg) -> None:
-        from . import config
-
-        getattr(config, f"_{name}_keys")(cfg)
-
-    add.__name__ = f"add_{name}_keys"
-    return add
-
-
-_BACKBONE = {"freeze_at": "MODEL.BACKBONE.FREEZE_AT"}
-
-_RESNET_VARIANTS: Dict[str, List] = {}
-for _d in (18, 34, 50, 101, 152):
-    _RESNET_VARIANTS[f"R-{_d}"] = ["MODEL.RESNETS.DEPTH", _d, "MODEL.RESNETS.RES2_OUT_CHANNELS",
-                                   64 if _d < 50 else 256, "MODEL.RESNETS.STRIDE_IN_1X1", False]
-_RESNET_VARIANTS["X-101-32x8d"] = ["MODEL.RESNETS.DEPTH", 101, "MODEL.RESNETS.NUM_GROUPS", 32,
-                                   "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.RESNETS.STRIDE_IN_1X1", False]
-
-FAMILIES: Dict[str, Family] = {f.name: f for f in (
-    Family(
-        name="resnet", build=build_resnet, config_node="MODEL.RESNETS", add_config_keys=_config_section("resnet"),
-        arg_keys={
-            "depth": "MODEL.RESNETS.DEPTH", "stem_channels": "MODEL.RESNETS.STEM_OUT_CHANNELS",
-            "res2_channels": "MODEL.RESNETS.RES2_OUT_CHANNELS", "deep_stem": "MODEL.RESNETS.DEEP_STEM",
-            "avg_down": "MODEL.RESNETS.AVG_DOWN", "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
-            "num_groups": "MODEL.RESNETS.NUM_GROUPS", "width_per_group": "MODEL.RESNETS.WIDTH_PER_GROUP",
-            "strides": "MODEL.RESNETS.STAGE_STRIDES", "dilations": "MODEL.RESNETS.STAGE_DILATIONS",
-            "norm": "MODEL.RESNETS.NORM", "out_features": "MODEL.RESNETS.OUT_FEATURES", **_BACKBONE,
-            "norm_eval": "MODEL.RESNETS.NORM_EVAL", "with_cp": "MODEL.RESNETS.WITH_CP",
-            "zero_init_residual": "MODEL.RESNETS.ZERO_INIT_RESIDUAL",
-            "deform_on_per_stage": "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
-            "deform_modulated": "MODEL.RESNETS.DEFORM_MODULATED",
-            "deform_num_groups": "MODEL.RESNETS.DEFORM_NUM_GROUPS", "plugins": "MODEL.RESNETS.PLUGINS"},
-        feature_names=RESNET_FEATURES, variants=_RESNET_VARIANTS, config_dir="ResNet",
-        freeze_alias_key="MODEL.RESNETS.FROZEN_STAGES"),
-    Family(
-        name="vovnet", build=VoVNet, config_node="MODEL.VOVNET", add_config_keys=_config_section("vovnet"),
-        arg_keys={
-            "spec": "MODEL.VOVNET.CONV_BODY", "norm": "MODEL.VOVNET.NORM", "out_features": "MODEL.VOVNET.OUT_FEATURES",
-            **_BACKBONE, "norm_eval": "MODEL.VOVNET.NORM_EVAL", "with_cp": "MODEL.VOVNET.WITH_CP",
-            "ese_placement": "MODEL.VOVNET.ESE_PLACEMENT", "stage_with_dcn": "MODEL.VOVNET.STAGE_WITH_DCN",
-            "with_modulated_dcn": "MODEL.VOVNET.WITH_MODULATED_DCN",
-            "deformable_groups": "MODEL.VOVNET.DEFORMABLE_GROUPS"},
-        feature_names=VOVNET_FEATURES, config_dir="VoVNet",
-        variants={v: ["MODEL.VOVNET.CONV_BODY", v] for v in VOVNET_SPECS if v.startswith("V-")},
-        aliases={"build_vovnet_backbone": "build_d2b_vovnet_backbone",
-                 "build_vovnet_fpn_backbone": "build_d2b_vovnet_fpn_backbone"}),
-    Family(
-        name="ghostnet", build=GhostNet, config_node="MODEL.GHOSTNET", add_config_keys=_config_section("ghostnet"),
-        arg_keys={
-            "width": "MODEL.GHOSTNET.WIDTH", "norm": "MODEL.GHOSTNET.NORM",
-            "out_features": "MODEL.GHOSTNET.OUT_FEATURES", **_BACKBONE, "norm_eval": "MODEL.GHOSTNET.NORM_EVAL",
-            "with_cp": "MODEL.GHOSTNET.WITH_CP", "final_conv": "MODEL.GHOSTNET.FINAL_CONV"},
-        feature_names=GHOSTNET_FEATURES, config_dir="GhostNet",
-        variants={f"GhostNet-{w}": ["MODEL.GHOSTNET.WIDTH", w] for w in (0.5, 1.0, 1.3)}),
-)}
+def family_reading(name: str) -> Optional[Family]:
+    """The family whose config node a ``MODEL.BACKBONE.NAME`` reads: :func:`family_of_builder`, or a family
+    whose ``also_built_by`` lists the name (detectron2's ResNet builders read ``MODEL.RESNETS``)."""
+    fam = family_of_builder(name)
+    if fam is None:
+        fam = next((f for f in FAMILIES.values() if name in f.also_built_by), None)
+    return fam

@@ -67,16 +67,19 @@ import math
 import numbers
 import re
 from collections import namedtuple
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from detectron2.config import CfgNode as CN
 from detectron2.modeling.backbone import Backbone
 
+from .families import BACKBONE_KEYS, Family, register_family
 from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ConvNormAct, NormEvalMixin, SqueezeExcite, freeze_module, \
     make_divisible
+from .weights.formats import RGB_IMAGENET, ConvertError, Converted, WeightFormat, has_key
 
 __all__ = [
     "GhostBlockSpec",
@@ -466,3 +469,96 @@ def convert_ghostnet_state_dict(
                 f"{n_prof} profiler, {n_nbt} num_batches_tracked, {len(dropped) - n_head - n_prof - n_nbt} "
                 f"of groups not built)")
     return out, dropped
+
+
+# =============================================================================================
+# the family: config section, builder arguments, weight formats and key maps, the record
+# =============================================================================================
+def add_ghostnet_config(_C: CN) -> None:
+    """``MODEL.GHOSTNET`` keys."""
+    _C.MODEL.GHOSTNET = CN()
+    # Channel multiplier: any positive float. 0.5, 1.0, 1.3 are timm's ghostnet_050/100/130;
+    # ImageNet weights exist for 1.0 only (timm ghostnet_100.in1k; Huawei's state_dict_73.98.pth).
+    _C.MODEL.GHOSTNET.WIDTH = 1.0
+    # Features to return, each taken at the end of its resolution: "stem" (stride 2, after
+    # blocks.0), "stage2" (4, after blocks.2), "stage3" (8, after blocks.4), "stage4" (16, after
+    # blocks.6), "stage5" (32, after blocks.9 or blocks.8, see FINAL_CONV). Later groups are not built.
+    _C.MODEL.GHOSTNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    # Norm of every layer: "FrozenBN" (detectron2's default for pretrained backbones), "BN",
+    # "SyncBN", "naiveSyncBN", "nnSyncBN", "LN". "GN" fails: GhostNet has 8..56-channel layers
+    # that 32 groups do not divide.
+    _C.MODEL.GHOSTNET.NORM = "FrozenBN"
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.GHOSTNET.NORM_EVAL = False
+    # Gradient checkpointing per Ghost bottleneck: same outputs and gradients, less activation
+    # memory, more compute per training step. Options: True, False.
+    _C.MODEL.GHOSTNET.WITH_CP = False
+    # Where "stage5" is taken. True: after the final 1x1 conv + norm + ReLU (blocks.9; 960
+    # channels at width 1.0, as the reference network). False: before it (after blocks.8; 160
+    # channels at width 1.0) and blocks.9 is not built.
+    _C.MODEL.GHOSTNET.FINAL_CONV = True
+
+
+_GHOST_ARCH = {"ghostnet_050": 0.5, "ghostnet_100": 1.0, "ghostnet_130": 1.3}
+
+
+def _infer_ghostnet(sd: Mapping[str, torch.Tensor], arch: Optional[str]) -> float:
+    if arch:
+        if arch in _GHOST_ARCH:
+            return _GHOST_ARCH[arch]
+        try:
+            return float(arch)
+        except ValueError:
+            raise ConvertError(f"--arch {arch!r} is not a GhostNet width; use one of {list(_GHOST_ARCH)} or a "
+                               f"number such as 1.3.") from None
+    stem = int(sd["conv_stem.weight"].shape[0])
+    widths = {make_divisible(GHOSTNET_STEM_CHANNELS * w, 4): w for w in GHOSTNET_WIDTHS}
+    if stem not in widths:
+        raise ConvertError(f"conv_stem has {stem} output channels, which matches no known GhostNet width "
+                           f"({ {c: w for c, w in widths.items()} }); pass --arch WIDTH.")
+    return widths[stem]
+
+
+def _convert_ghostnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
+                      style: Optional[str]) -> Converted:
+    width = _infer_ghostnet(src, arch)
+    final_conv = any(k.startswith("blocks.9.") for k in src)
+    try:
+        model = GhostNet(width, norm="BN", final_conv=final_conv,
+                         out_features=["stem", "stage2", "stage3", "stage4", "stage5"])
+    except ValueError as e:
+        raise ConvertError(f"cannot build GhostNet width {width}: {e}") from None
+    bare, dropped = convert_ghostnet_state_dict(src)
+    config = {"MODEL.GHOSTNET.WIDTH": width, "MODEL.GHOSTNET.FINAL_CONV": final_conv, **RGB_IMAGENET}
+    variant = {"arch": f"ghostnet width {width:g}", "width": width, "final_conv": final_conv}
+    return Converted(bare, model, config, variant, dropped, {}, {}, [])
+
+
+def _is_ghostnet(sd) -> bool:
+    return "conv_stem.weight" in sd and has_key(sd, r"^blocks\.\d+\.\d+\.ghost1\.")
+
+
+def describe_ghostnet_weights(bare: Mapping[str, torch.Tensor]) -> Optional[Tuple[str, Dict]]:
+    """``("a GhostNet width 1 backbone", {"MODEL.GHOSTNET.WIDTH": 1.0})``; None if not a GhostNet."""
+    if not _is_ghostnet(bare):
+        return None
+    width = _infer_ghostnet(bare, None)
+    return f"a GhostNet width {width:g} backbone", {"MODEL.GHOSTNET.WIDTH": width}
+
+
+GHOSTNET_FAMILY = register_family(Family(
+    name="ghostnet", build=GhostNet, config_node="MODEL.GHOSTNET", add_config_keys=add_ghostnet_config,
+    arg_keys={
+        "width": "MODEL.GHOSTNET.WIDTH", "norm": "MODEL.GHOSTNET.NORM",
+        "out_features": "MODEL.GHOSTNET.OUT_FEATURES", **BACKBONE_KEYS, "norm_eval": "MODEL.GHOSTNET.NORM_EVAL",
+        "with_cp": "MODEL.GHOSTNET.WITH_CP", "final_conv": "MODEL.GHOSTNET.FINAL_CONV"},
+    feature_names=GHOSTNET_FEATURES, config_dir="GhostNet",
+    variants={f"GhostNet-{w}": ["MODEL.GHOSTNET.WIDTH", w] for w in (0.5, 1.0, 1.3)},
+    weight_formats=(WeightFormat("ghostnet", "ghostnet", "timm ghostnet_* / Huawei ghostnet_pytorch", _is_ghostnet,
+                                 _convert_ghostnet),),
+    describe_weights=describe_ghostnet_weights,
+    contract_variants={"GhostNet-0.5": dict(width=0.5),
+                       "GhostNet-1.3-no-final-conv": dict(width=1.3, final_conv=False)},
+    heavy_variants=("GhostNet-1.3-no-final-conv",),
+))

@@ -68,9 +68,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from detectron2.layers import FrozenBatchNorm2d
 
-from .predictor import Predictor
 
-__all__ = ["optimize_for_inference", "is_optimized_for_inference", "fold_norms", "OptimizedPredictor",
+__all__ = ["optimize_for_inference", "is_optimized_for_inference", "fold_norms",
            "FoldReport"]
 
 logger = logging.getLogger(__name__)
@@ -233,19 +232,3 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
     model.register_load_state_dict_pre_hook(_refuse_loading)
     logger.info(f"optimize_for_inference: {report}")
     return model
-
-
-class OptimizedPredictor(Predictor):
-    """detectron2's :class:`DefaultPredictor` with checked loading (:class:`~d2_backbones.Predictor`) and
-    :func:`optimize_for_inference` applied.
-
-    Same constructor and call as ``DefaultPredictor`` (build, load ``cfg.MODEL.WEIGHTS`` through
-    :class:`~d2_backbones.weights.Checkpointer`, eval; then fold). Example::
-
-        predictor = OptimizedPredictor(cfg)
-        outputs = predictor(cv2.imread("input.jpg"))  # {"instances": Instances(...)}
-    """
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.model = optimize_for_inference(self.model)

@@ -216,7 +216,7 @@ def setup(args):
     register_coco_datasets(getattr(args, "register_coco", []) or [],
                            check_images=not getattr(args, "skip_image_check", False))
     if set(_dataset_names(cfg)) & set(_SHAPES):
-        from .shapes import register_shapes
+        from .data import register_shapes
 
         register_shapes()
     _check_device(cfg)

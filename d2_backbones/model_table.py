@@ -58,6 +58,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .config import get_cfg
+from .errors import ConfigError
 from .families import FAMILIES, Family
 
 __all__ = ["VARIANTS", "LARGE_VARIANTS", "variant_family", "variant_cfg", "build_variant", "measure_variant",
@@ -96,10 +98,8 @@ SIZE_DET_PADDED = (800, 1344)  # 800x1333 padded to a multiple of 32, as detectr
 
 def variant_family(name: str) -> Family:
     """The :class:`~d2_backbones.families.Family` of variant ``name``."""
-    import d2_backbones
-
     if name not in VARIANTS:
-        raise d2_backbones.ConfigError(
+        raise ConfigError(
             f"Unknown model-table variant {name!r}. Valid values: {', '.join(VARIANTS)}. "
             f"Fix: pass names from that list to --variants.")
     return FAMILIES[VARIANTS[name][0]]
@@ -107,11 +107,9 @@ def variant_family(name: str) -> Family:
 
 def variant_cfg(name: str, fpn: bool):
     """The config of variant ``name`` (see :data:`VARIANTS`), for the backbone or backbone+FPN builder."""
-    import d2_backbones
-
     fam = variant_family(name)
     feats = list(fam.stage_names)
-    cfg = d2_backbones.get_cfg()
+    cfg = get_cfg()
     cfg.merge_from_list([
         "MODEL.DEVICE", "cpu",
         "MODEL.BACKBONE.NAME", fam.builder_names[1 if fpn else 0],
@@ -280,8 +278,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                         help=f"skip the 800x1333 GMACs of {', '.join(LARGE_VARIANTS)} only")
     args = parser.parse_args(argv)
 
-    import d2_backbones
-
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; valid: {', '.join(VARIANTS)}")
@@ -289,7 +285,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         parser.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
     logging.getLogger("d2_backbones").setLevel(logging.WARNING)
-    assert d2_backbones.REGISTERED_NAMES  # the import registered the builders
 
     t0 = time.time()
     rows = []

@@ -12,15 +12,18 @@ Example::
 
     predictor = d2_backbones.Predictor(cfg)
     outputs = predictor(cv2.imread("input.jpg"))  # {"instances": Instances(...)}
+
+Both predictors live here; :mod:`d2_backbones.inference` holds the folding they use.
 """
 import logging
 
 from detectron2.engine import DefaultPredictor
 
 from .build import check_head_features
+from .inference import optimize_for_inference
 from .weights import Checkpointer
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "OptimizedPredictor"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -42,3 +45,19 @@ class Predictor(DefaultPredictor):
             Checkpointer(self.model, cfg=self.cfg).load(cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: the predictor's model keeps its random initialisation.")
+
+
+class OptimizedPredictor(Predictor):
+    """detectron2's :class:`DefaultPredictor` with checked loading (:class:`Predictor`) and
+    :func:`optimize_for_inference` applied.
+
+    Same constructor and call as ``DefaultPredictor`` (build, load ``cfg.MODEL.WEIGHTS`` through
+    :class:`~d2_backbones.weights.Checkpointer`, eval; then fold). Example::
+
+        predictor = OptimizedPredictor(cfg)
+        outputs = predictor(cv2.imread("input.jpg"))  # {"instances": Instances(...)}
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model = optimize_for_inference(self.model)

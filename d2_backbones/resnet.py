@@ -45,7 +45,7 @@ Example::
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -53,14 +53,18 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from detectron2.config import CfgNode as CN
 from detectron2.layers import CNNBlockBase, Conv2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.modeling.backbone.resnet import ResNet as _D2ResNet
 from detectron2.modeling.backbone.resnet import BasicStem
 
+from .families import BACKBONE_KEYS, Family, register_family
+from .fpn import build_fpn
 from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import CheckedNorm, CheckpointMixin, ContextBlock, NormEvalMixin, SqueezeExcite, split_offset_mask
 from .layers import deform_conv2d_fp32, reduced_precision
+from .weights.formats import BGR_CAFFE, RGB_IMAGENET, ConvertError, Converted, WeightFormat, has_key
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -560,3 +564,300 @@ def convert_mmdet_resnet(sd: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.T
     else:
         stem = {"conv1.": "stem.conv1.", "bn1.": "stem.conv1.norm.", "gn1.": "stem.conv1.norm."}
     return _convert(sd, stem)
+
+
+# =============================================================================================
+# the family: config section, builder arguments, weight formats and key maps, the record
+# =============================================================================================
+def add_resnet_config(_C: CN) -> None:
+    """``MODEL.RESNETS`` keys beyond detectron2's (which stay as they are)."""
+    _C.MODEL.RESNETS = CN()
+    # Deep stem (ResNet-V1c): three 3x3 convs (STEM_OUT_CHANNELS/2 stride 2, /2, STEM_OUT_CHANNELS)
+    # instead of the 7x7 conv. Options: True, False (MMDetection `deep_stem`).
+    _C.MODEL.RESNETS.DEEP_STEM = False
+    # Average-pool shortcuts (ResNet-V1d with DEEP_STEM): a strided shortcut becomes
+    # AvgPool2d(s, s, ceil_mode=True) + 1x1 conv with stride 1. Options: True, False (mmdet `avg_down`).
+    _C.MODEL.RESNETS.AVG_DOWN = False
+    # Stride of the first block of res2..res5 (4 positive ints; mmdet `strides`).
+    _C.MODEL.RESNETS.STAGE_STRIDES = [1, 2, 2, 2]
+    # Dilation of the 3x3 convs of res2..res5 (4 positive ints; mmdet `dilations`). detectron2's
+    # RES5_DILATION=2 is still honoured: it means STAGE_STRIDES[3]=1, STAGE_DILATIONS[3]=2.
+    _C.MODEL.RESNETS.STAGE_DILATIONS = [1, 1, 1, 1]
+    # MMDetection-style alias of MODEL.BACKBONE.FREEZE_AT: None = unset, -1 = nothing frozen,
+    # 0 = stem, k = stem + res2..res(k+1)... i.e. FROZEN_STAGES k == FREEZE_AT k+1.
+    # Setting both to disagreeing values is an error (FREEZE_AT left at detectron2's default 2
+    # counts as unset).
+    _C.MODEL.RESNETS.FROZEN_STAGES = None
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.RESNETS.NORM_EVAL = False
+    # Gradient checkpointing per residual block (mmdet `with_cp`): same outputs and gradients,
+    # less activation memory, ~25-35% more compute per training step. Options: True, False.
+    _C.MODEL.RESNETS.WITH_CP = False
+    # Zero-initialise the last norm weight of every residual branch (mmdet `zero_init_residual`);
+    # only matters when training without pretrained weights. Options: True, False.
+    _C.MODEL.RESNETS.ZERO_INIT_RESIDUAL = False
+    # Plugins inserted in the residual blocks (mmdet `plugins`). A list of mappings:
+    #   {TYPE: "gc" (GCNet context block) | "se" (squeeze-excitation),
+    #    POSITION: "after_conv1" | "after_conv2" | "after_conv3" (default),
+    #    STAGES: [4 bools for res2..res5] (default all), RATIO: hidden/in channels (default 1/16)}
+    _C.MODEL.RESNETS.PLUGINS = []
+
+
+def resnet_strides_dilations(cfg: CN, kw: Dict) -> Dict:
+    """detectron2's ``MODEL.RESNETS.RES5_DILATION`` on top of ``STAGE_STRIDES``/``STAGE_DILATIONS``."""
+    strides, dilations = list(kw["strides"]), list(kw["dilations"])
+    res5 = cfg.MODEL.RESNETS.RES5_DILATION
+    if res5 not in (1, 2):
+        raise config_error("MODEL.RESNETS.RES5_DILATION", res5, [1, 2],
+                           fix="use MODEL.RESNETS.STAGE_DILATIONS / STAGE_STRIDES for other dilations")
+    if res5 == 2 and len(dilations) == 4 and len(strides) == 4:
+        if dilations[3] == 1:  # detectron2's convention: res5 keeps stride 16 and dilates by 2
+            dilations[3], strides[3] = 2, 1
+        elif dilations[3] != 2:
+            raise config_error("MODEL.RESNETS.RES5_DILATION", res5,
+                               problem=f"disagrees with MODEL.RESNETS.STAGE_DILATIONS={dilations}",
+                               fix="set only MODEL.RESNETS.STAGE_DILATIONS (and STAGE_STRIDES) and leave "
+                                   "RES5_DILATION at 1")
+    return {**kw, "strides": strides, "dilations": dilations}
+
+
+_ARCH_RE = re.compile(r"^(R|X)-(\d+)(?:-(\d+)x(\d+)d)?(?:-V1([cd]))?$", re.IGNORECASE)
+
+
+def _resnet_arch_name(v: Mapping) -> str:
+    name = f"X-{v['depth']}-{v['num_groups']}x{v['width_per_group']}d" if v["num_groups"] > 1 else f"R-{v['depth']}"
+    suffix = "-V1d" if v["deep_stem"] and v["avg_down"] else "-V1c" if v["deep_stem"] else ""
+    return name + suffix
+
+
+def _infer_resnet(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Architecture of a detectron2-named ResNet state dict, from its key names and shapes."""
+    blocks: Dict[int, int] = {}
+    for k in sd:
+        m = re.match(r"^res(\d)\.(\d+)\.", k)
+        if m:
+            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    counts = tuple(blocks.get(s, 0) for s in (2, 3, 4, 5))
+    kind = "bottleneck" if "res2.0.conv3.weight" in sd else "basic"
+    depth = next((d for d, (kd, n) in RESNET_DEPTHS.items() if kd == kind and n == counts), None)
+    if depth is None:
+        raise ConvertError(f"the ResNet stages have {counts} {kind} blocks, which is no known depth "
+                           f"({ {d: n for d, (_, n) in RESNET_DEPTHS.items()} }). Pass --arch if the file is "
+                           f"truncated, or check the file.")
+    deep_stem = "stem.conv3.weight" in sd
+    stem_key = "stem.conv3.weight" if deep_stem else "stem.conv1.weight"
+    v: Dict[str, Any] = dict(depth=depth, deep_stem=deep_stem, avg_down=False, num_groups=1, width_per_group=64,
+                             stem_channels=int(sd[stem_key].shape[0]))
+    if kind == "bottleneck":
+        w = sd["res2.0.conv2.weight"]
+        bottleneck = int(w.shape[0])
+        groups = bottleneck // int(w.shape[1])
+        v.update(num_groups=groups, width_per_group=bottleneck // groups,
+                 res2_channels=int(sd["res2.0.conv3.weight"].shape[0]))
+    v["norm"] = "GN" if ("stem.conv1.norm.weight" in sd and "stem.conv1.norm.running_mean" not in sd) else "BN"
+    dcn = [any(k.startswith(f"res{s}.") and ".conv2_offset." in k for k in sd) for s in (2, 3, 4, 5)]
+    v["deform_on_per_stage"] = dcn
+    if any(dcn):
+        ch = next(int(t.shape[0]) for k, t in sd.items() if k.endswith("conv2_offset.weight"))
+        v["deform_modulated"] = ch % 27 == 0
+        v["deform_num_groups"] = ch // 27 if ch % 27 == 0 else ch // 18
+    return v
+
+
+def _resnet_variant(src_sd, sd, arch: Optional[str]) -> Dict[str, Any]:
+    v = _infer_resnet(sd)
+    v["avg_down"] = any(re.match(r"^layer\d\.\d+\.downsample\.2\.", k) for k in src_sd)
+    if arch:
+        m = _ARCH_RE.match(arch)
+        if not m:
+            raise ConvertError(f"--arch {arch!r} is not a ResNet name; use e.g. R-50, R-101-V1d, X-101-32x8d, "
+                               f"X-50-32x4d-V1c.")
+        fam, depth, g, w, variant = m.groups()
+        v.update(depth=int(depth), deep_stem=variant is not None, avg_down=(variant or "").lower() == "d",
+                 num_groups=int(g) if fam.upper() == "X" else 1, width_per_group=int(w) if fam.upper() == "X" else 64,
+                 stem_channels=64)
+        v.pop("res2_channels", None)
+        if int(depth) not in RESNET_DEPTHS:
+            raise ConvertError(f"--arch {arch!r}: depth {depth} is not one of {list(RESNET_DEPTHS)}.")
+    return v
+
+
+def _resnet_model(v: Mapping) -> nn.Module:
+    kw = {k: v[k] for k in ("depth", "deep_stem", "avg_down", "num_groups", "width_per_group", "stem_channels",
+                            "norm", "deform_on_per_stage", "res2_channels", "deform_modulated", "deform_num_groups")
+          if k in v}
+    if RESNET_DEPTHS[v["depth"]][0] == "basic":
+        kw.pop("res2_channels", None)
+    try:
+        return build_resnet(**kw)
+    except ValueError as e:
+        raise ConvertError(f"cannot build the architecture {_resnet_arch_name(v)}: {e}") from None
+
+
+def _resnet_config(v: Mapping, stride_in_1x1: bool) -> Dict[str, Any]:
+    cfg = {"MODEL.RESNETS.DEPTH": v["depth"], "MODEL.RESNETS.NUM_GROUPS": v["num_groups"],
+           "MODEL.RESNETS.WIDTH_PER_GROUP": v["width_per_group"], "MODEL.RESNETS.DEEP_STEM": v["deep_stem"],
+           "MODEL.RESNETS.AVG_DOWN": v["avg_down"], "MODEL.RESNETS.STRIDE_IN_1X1": stride_in_1x1,
+           "MODEL.RESNETS.STEM_OUT_CHANNELS": v["stem_channels"],
+           "MODEL.RESNETS.RES2_OUT_CHANNELS": v.get("res2_channels", 64 if v["depth"] < 50 else 256)}
+    if v["norm"] == "GN":
+        cfg["MODEL.RESNETS.NORM"] = "GN"
+    if any(v["deform_on_per_stage"]):
+        cfg["MODEL.RESNETS.DEFORM_ON_PER_STAGE"] = list(v["deform_on_per_stage"])
+        cfg["MODEL.RESNETS.DEFORM_MODULATED"] = v["deform_modulated"]
+        cfg["MODEL.RESNETS.DEFORM_NUM_GROUPS"] = v["deform_num_groups"]
+    return cfg
+
+
+def _mmdet_style(extras: Mapping, style: Optional[str]) -> str:
+    if style:
+        return style
+    meta = extras.get("meta")
+    text = meta.get("config", "") if isinstance(meta, Mapping) else ""
+    if isinstance(text, str) and re.search(r"style\s*=\s*['\"]caffe['\"]", text):
+        return "caffe"
+    return "pytorch"
+
+
+def _convert_neck(neck: Mapping[str, torch.Tensor], bottom_up) -> Tuple[Dict[str, torch.Tensor], Dict, List[str]]:
+    """MMDetection FPN neck -> detectron2 FPN names; returns (tensors, fpn config, unmapped keys)."""
+    shapes = bottom_up.output_shape()
+    by_channels = {s.channels: name for name, s in shapes.items() if name.startswith("res")}
+    laterals: Dict[int, Dict] = {}
+    outputs: Dict[int, Dict] = {}
+    unmapped: List[str] = []
+    for k, v in neck.items():
+        m = re.match(r"^(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$", k)
+        if not m:
+            unmapped.append("neck." + k)
+            continue
+        (laterals if m.group(1) == "lateral_convs" else outputs).setdefault(int(m.group(2)), {})[m.group(3)] = v
+    n = len(laterals)
+    if n == 0:
+        raise ConvertError("the neck has no lateral_convs.i.conv: not an MMDetection FPN neck.")
+    in_features = []
+    for i in range(n):
+        feat = by_channels.get(int(laterals[i]["weight"].shape[1]))
+        if feat is None:
+            raise ConvertError(f"neck.lateral_convs.{i} takes {laterals[i]['weight'].shape[1]} channels, which no "
+                               f"stage of the backbone produces ({ {s.channels: k for k, s in shapes.items()} }).")
+        in_features.append(feat)
+    out: Dict[str, torch.Tensor] = {}
+    for i, feat in enumerate(in_features):
+        s = feat[len("res"):]
+        for part, t in laterals[i].items():
+            out[f"backbone.fpn_lateral{s}.{part}"] = t
+        for part, t in outputs.pop(i, {}).items():
+            out[f"backbone.fpn_output{s}.{part}"] = t
+    extra = [outputs[i] for i in sorted(outputs)]
+    out_channels = int(laterals[0]["weight"].shape[0])
+    fpn: Dict[str, Any] = {"MODEL.FPN.IN_FEATURES": in_features, "MODEL.FPN.OUT_CHANNELS": out_channels}
+    if not extra:
+        fpn["MODEL.FPN.TOP_BLOCK"] = "maxpool"
+    else:
+        if len(extra) > 2:
+            raise ConvertError(f"the neck has {len(extra)} extra fpn_convs; detectron2's FPN top blocks make at most "
+                               f"two (P6, P7).")
+        src_ch = int(extra[0]["weight"].shape[1])
+        fpn["MODEL.FPN.TOP_BLOCK"] = "p6p7" if len(extra) == 2 else "p6"
+        fpn["MODEL.FPN.TOP_BLOCK_SOURCE"] = "on_output" if src_ch == out_channels else "on_input"
+        fpn["MODEL.FPN.TOP_BLOCK_RELU"] = False  # MMDetection's default relu_before_extra_convs=False
+        for name, conv in zip(("p6", "p7"), extra):
+            for part, t in conv.items():
+                out[f"backbone.top_block.{name}.{part}"] = t
+    return out, fpn, unmapped
+
+
+def _convert_resnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
+                    style: Optional[str]) -> Converted:
+    dropped: List[str] = []
+    neck: Dict[str, torch.Tensor] = {}
+    if fmt == "mmdet-detector":
+        style = _mmdet_style(extras, style)
+        neck = {k[len("neck."):]: v for k, v in src.items() if k.startswith("neck.")}
+        dropped = sorted(k for k in src if not k.startswith(("backbone.", "neck.")))
+        src = {k[len("backbone."):]: v for k, v in src.items() if k.startswith("backbone.")}
+    key_map = {"torchvision-resnet": convert_torchvision_resnet, "timm-resnet": convert_timm_resnet}.get(
+        fmt, convert_mmdet_resnet)
+    bare, _ = key_map(src)
+    v = _resnet_variant(src, bare, arch)
+    stride_in_1x1 = style == "caffe"
+    model = _resnet_model(v)
+    config = {**_resnet_config(v, stride_in_1x1), **(BGR_CAFFE if stride_in_1x1 else RGB_IMAGENET)}
+    variant = {"arch": _resnet_arch_name(v), "style": "caffe" if stride_in_1x1 else "pytorch", **v}
+    extra, reference, unmapped = {}, {}, []
+    if fmt == "mmdet-detector":
+        extra, fpn_cfg, unmapped = _convert_neck(neck, model)
+        config.update(fpn_cfg)
+        fpn = build_fpn(model, fpn_cfg["MODEL.FPN.IN_FEATURES"], fpn_cfg["MODEL.FPN.OUT_CHANNELS"],
+                        top_block=fpn_cfg["MODEL.FPN.TOP_BLOCK"],
+                        top_block_source=fpn_cfg.get("MODEL.FPN.TOP_BLOCK_SOURCE", "on_input"),
+                        top_block_relu=fpn_cfg.get("MODEL.FPN.TOP_BLOCK_RELU", True))
+        reference = {"backbone." + k: t for k, t in fpn.state_dict().items() if not k.startswith("bottom_up.")}
+    return Converted(bare, model, config, variant, dropped, extra, reference, unmapped)
+
+
+def _is_torchvision_resnet(sd) -> bool:
+    return has_key(sd, r"^layer1\.0\.conv1\.weight$")
+
+
+RESNET_FORMATS = (
+    WeightFormat("mmdet-detector", "resnet", "MMDetection detector checkpoint (backbone + FPN neck; heads dropped)",
+                 lambda sd: has_key(sd, r"^backbone\.") and has_key(sd, r"^(neck|rpn_head|roi_head|bbox_head)\."),
+                 _convert_resnet),
+    WeightFormat("timm-resnet", "resnet", "timm resnet*c / resnet*d (deep stem, avg-down)",
+                 lambda sd: _is_torchvision_resnet(sd) and "conv1.0.weight" in sd, _convert_resnet),
+    WeightFormat("mmdet-resnet", "resnet", "open-mmlab ResNet / V1c / V1d / ResNeXt, GN, DCN",
+                 lambda sd: _is_torchvision_resnet(sd) and ("stem.0.weight" in sd or "gn1.weight" in sd or has_key(
+                     sd, r"^layer\d\.\d+\.gn\d\.") or has_key(sd, r"\.conv2\.conv_offset\.")), _convert_resnet),
+    WeightFormat("torchvision-resnet", "resnet", "torchvision resnet* / resnext* (and timm's plain resnet*)",
+                 _is_torchvision_resnet, _convert_resnet),
+)
+
+
+def describe_resnet_weights(bare: Mapping[str, torch.Tensor]) -> Optional[Tuple[str, Dict]]:
+    """``("a ResNet R-50 backbone", {"MODEL.RESNETS.DEPTH": 50})`` for tensors in our names; None if not a ResNet."""
+    if not any(re.match(r"^res[2-5]\.\d+\.", k) for k in bare):
+        return None
+    v = _infer_resnet(bare)
+    return f"a ResNet {_resnet_arch_name(v)} backbone", {"MODEL.RESNETS.DEPTH": v["depth"]}
+
+
+_RESNET_VARIANTS: Dict[str, List] = {}
+for _d in (18, 34, 50, 101, 152):
+    _RESNET_VARIANTS[f"R-{_d}"] = ["MODEL.RESNETS.DEPTH", _d, "MODEL.RESNETS.RES2_OUT_CHANNELS",
+                                   64 if _d < 50 else 256, "MODEL.RESNETS.STRIDE_IN_1X1", False]
+_RESNET_VARIANTS["X-101-32x8d"] = ["MODEL.RESNETS.DEPTH", 101, "MODEL.RESNETS.NUM_GROUPS", 32,
+                                   "MODEL.RESNETS.WIDTH_PER_GROUP", 8, "MODEL.RESNETS.STRIDE_IN_1X1", False]
+_GC_SE = [dict(type="gc", position="after_conv3", stages=(False, True, True, True)),
+          dict(type="se", position="after_conv2", stages=(True, False, False, False))]
+
+RESNET_FAMILY = register_family(Family(
+    name="resnet", build=build_resnet, config_node="MODEL.RESNETS", add_config_keys=add_resnet_config,
+    arg_keys={
+        "depth": "MODEL.RESNETS.DEPTH", "stem_channels": "MODEL.RESNETS.STEM_OUT_CHANNELS",
+        "res2_channels": "MODEL.RESNETS.RES2_OUT_CHANNELS", "deep_stem": "MODEL.RESNETS.DEEP_STEM",
+        "avg_down": "MODEL.RESNETS.AVG_DOWN", "stride_in_1x1": "MODEL.RESNETS.STRIDE_IN_1X1",
+        "num_groups": "MODEL.RESNETS.NUM_GROUPS", "width_per_group": "MODEL.RESNETS.WIDTH_PER_GROUP",
+        "strides": "MODEL.RESNETS.STAGE_STRIDES", "dilations": "MODEL.RESNETS.STAGE_DILATIONS",
+        "norm": "MODEL.RESNETS.NORM", "out_features": "MODEL.RESNETS.OUT_FEATURES", **BACKBONE_KEYS,
+        "norm_eval": "MODEL.RESNETS.NORM_EVAL", "with_cp": "MODEL.RESNETS.WITH_CP",
+        "zero_init_residual": "MODEL.RESNETS.ZERO_INIT_RESIDUAL",
+        "deform_on_per_stage": "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+        "deform_modulated": "MODEL.RESNETS.DEFORM_MODULATED",
+        "deform_num_groups": "MODEL.RESNETS.DEFORM_NUM_GROUPS", "plugins": "MODEL.RESNETS.PLUGINS"},
+    feature_names=RESNET_FEATURES, variants=_RESNET_VARIANTS, config_dir="ResNet",
+    freeze_alias_key="MODEL.RESNETS.FROZEN_STAGES", extra_kwargs=resnet_strides_dilations,
+    weight_formats=RESNET_FORMATS, describe_weights=describe_resnet_weights,
+    optional_weights=(
+        ("deformable-conv offsets (conv2_offset, zero-initialised)", re.compile(r"\.conv2_offset\.")),
+        ("plugins (GC / SE blocks, after_convN)", re.compile(r"\.after_conv\d\."))),
+    also_built_by=("build_resnet_backbone", "build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone"),
+    contract_variants={
+        "R-18": dict(depth=18, res2_channels=64),
+        "R-50-V1d-caffe": dict(depth=50, deep_stem=True, avg_down=True, stride_in_1x1=True),
+        "R-50-DCNv2-GC-SE": dict(depth=50, deform_on_per_stage=[False, True, True, True], deform_modulated=True,
+                                 plugins=_GC_SE, out_features=["stem", "res2", "res3", "res4"])},
+    heavy_variants=("R-50-V1d-caffe", "R-50-DCNv2-GC-SE"),
+))

@@ -46,6 +46,8 @@ from typing import Dict, Iterator, List, Optional
 from detectron2.utils.events import EventWriter
 
 from .errors import ConfigError, is_int
+from .weights.checkpointer import CheckpointWriteError, check_max_to_keep
+from .weights.write import AtomicFile
 
 __all__ = ["LOCK_NAME", "OutputDirInUseError", "lock_output_dir", "previous_run", "move_previous_run",
            "claim_output_dir", "Claim", "check_max_to_keep", "last_complete_checkpoint", "no_space_error",
@@ -248,16 +250,6 @@ def _claim_on_main(output_dir: str, args, key: str) -> Claim:
 
 
 # ---------------------------------------------------------------------------------------------- MAX_TO_KEEP
-def check_max_to_keep(value, key: str = "SOLVER.MAX_TO_KEEP") -> Optional[int]:
-    """The number of periodic checkpoints to keep: ``None`` (keep all) for ``None``, ``0`` and ``-1``."""
-    if value is None:
-        return None
-    if not is_int(value) or value < -1:
-        raise ConfigError(f"{key}={value!r} is not valid. Valid values: a positive number of periodic checkpoints "
-                          f"to keep, or 0 / -1 to keep them all. Fix: set {key} 0 to keep every checkpoint.")
-    return value if value > 0 else None
-
-
 @contextlib.contextmanager
 def keep_run_config(output_dir: str, eval_only: bool) -> Iterator[None]:
     """Around detectron2's ``default_setup`` (which writes ``<dir>/config.yaml``): with ``--eval-only`` the
@@ -286,7 +278,6 @@ def keep_run_config(output_dir: str, eval_only: bool) -> Iterator[None]:
             with open(path, "rb") as f:
                 written = f.read()
             if written != kept:
-                from .weights.write import AtomicFile
 
                 with AtomicFile(os.path.join(output_dir, "config_eval.yaml"), "wb") as f:
                     f.write(written)
@@ -299,7 +290,6 @@ def keep_run_config(output_dir: str, eval_only: bool) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- full disk
 def no_space_error(path: str, output_dir: str):
     """The weights layer's :class:`CheckpointWriteError`, for ``path`` (any file of the run)."""
-    from .weights.checkpointer import CheckpointWriteError
 
     last = last_complete_checkpoint(output_dir) if output_dir else None
     err = CheckpointWriteError(
@@ -325,7 +315,6 @@ def _is_enospc(e: BaseException) -> bool:
 def no_space_left(path: str, output_dir: str) -> Iterator[None]:
     """Turn an ``ENOSPC`` raised inside the block into :func:`no_space_error` for ``path`` (the error's own
     file name when it has one)."""
-    from .weights.checkpointer import CheckpointWriteError
 
     try:
         yield

@@ -23,8 +23,7 @@ from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import d2_backbones  # noqa: F401  (registers the backbones)
-from d2_backbones.inference import optimize_for_inference
+from d2_backbones.inference import optimize_for_inference  # (any d2_backbones import registers the backbones)
 from d2_backbones.preflight import check_num_processes
 from d2_backbones.train import Trainer, argument_parser, check_opts, setup
 from d2_backbones.weights import Checkpointer

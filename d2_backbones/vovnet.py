@@ -73,19 +73,22 @@ Example::
 """
 import re
 from collections import OrderedDict
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
 from torch import nn
 
+from detectron2.config import CfgNode as CN
 from detectron2.layers import CNNBlockBase
 from detectron2.modeling.backbone import Backbone
 
+from .families import BACKBONE_KEYS, Family, register_family
 from .errors import arg_key, check_bools, check_freeze_at, check_out_features, config_error
 from .layers import (CheckedNorm, CheckpointMixin, ConvNormAct, EffectiveSE, NormEvalMixin, checkpoint_keep_bn_stats,
                      split_offset_mask)
 from .layers import deform_conv2d_fp32, reduced_precision
+from .weights.formats import BGR_CAFFE, RGB_IMAGENET, ConvertError, Converted, WeightFormat, has_key
 
 __all__ = [
     "ESE_PLACEMENTS",
@@ -636,3 +639,145 @@ def convert_vovnet_detectron2(ckpt: Mapping) -> Tuple[Dict[str, torch.Tensor], L
         else:
             dropped.append(k)
     return out, sorted(dropped)
+
+
+# =============================================================================================
+# the family: config section, builder arguments, weight formats and key maps, the record
+# =============================================================================================
+def add_vovnet_config(_C: CN) -> None:
+    """``MODEL.VOVNET`` keys."""
+    # Same node and key names as vovnet-detectron2 / centermask2 (their yamls merge unchanged);
+    # their dead keys OUT_CHANNELS and BACKBONE_OUT_CHANNELS are not added (no yaml of either
+    # project sets them; the FPN width is MODEL.FPN.OUT_CHANNELS).
+    _C.MODEL.VOVNET = CN()
+    # Architecture: "V-19-slim-dw-eSE", "V-19-dw-eSE", "V-19-slim-eSE", "V-19-eSE", "V-39-eSE",
+    # "V-57-eSE", "V-99-eSE" (VoVNetV2, vovnet-detectron2's names) or "VoVNetV1-39", "VoVNetV1-57"
+    # (no identity, no eSE; timm vovnet39a/57a). See d2_backbones.vovnet.VOVNET_SPECS.
+    _C.MODEL.VOVNET.CONV_BODY = "V-39-eSE"
+    # Features to return: "stem" (stride 4), "stage2" (4), "stage3" (8), "stage4" (16),
+    # "stage5" (32). Stages after the last one listed are not built.
+    _C.MODEL.VOVNET.OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
+    # Norm of every layer: "FrozenBN" (vovnet-detectron2's default), "BN", "SyncBN",
+    # "naiveSyncBN", "nnSyncBN", "GN" (GroupNorm(32, C): fails for the slim variants, whose 80-
+    # and 112-channel layers 32 does not divide), "" (no norm; convs get a bias).
+    _C.MODEL.VOVNET.NORM = "FrozenBN"
+    # Where the eSE gates are: "" (the CONV_BODY's own: "all" for V-*-eSE, "none" for VoVNetV1),
+    # "all" (every OSA module: vovnet-detectron2/CenterMask, needed for their checkpoints),
+    # "last" (last module of each stage: timm ese_vovnet*, needed for timm weights), "none".
+    _C.MODEL.VOVNET.ESE_PLACEMENT = ""
+    # Keep BatchNorm/SyncBN running statistics fixed while training (mmdet `norm_eval`); affine
+    # parameters still learn unless their stage is frozen. Options: True, False.
+    _C.MODEL.VOVNET.NORM_EVAL = False
+    # Gradient checkpointing inside every OSA module (each 3x3 layer and the concat + 1x1 + eSE part are
+    # recomputed apart): same outputs and gradients, less activation memory,
+    # more compute per training step. Options: True, False.
+    _C.MODEL.VOVNET.WITH_CP = False
+    # Deformable 3x3 OSA layers per stage (4 bools for stage2..stage5; centermask2's key), e.g.
+    # [False, True, True, True]. Not available for the dw variants.
+    _C.MODEL.VOVNET.STAGE_WITH_DCN = [False, False, False, False]
+    # DCNv2 (offsets + modulation mask) instead of DCNv1 (offsets only). Options: True, False.
+    _C.MODEL.VOVNET.WITH_MODULATED_DCN = False
+    # Offset groups of the deformable convs (positive int dividing the layer widths).
+    _C.MODEL.VOVNET.DEFORMABLE_GROUPS = 1
+
+
+def _vovnet_ese_placement(cfg, value):
+    """``MODEL.VOVNET.ESE_PLACEMENT: ""`` means the CONV_BODY's own placement."""
+    if value:
+        return value
+    spec = VOVNET_SPECS.get(cfg.MODEL.VOVNET.CONV_BODY)
+    return spec.ese if spec is not None else value
+
+
+def _infer_vovnet(sd: Mapping[str, torch.Tensor], arch: Optional[str]) -> Tuple[str, str]:
+    """``(CONV_BODY, ESE_PLACEMENT)`` of a VoVNet state dict in our names."""
+    modules: Dict[int, List[int]] = {}
+    for k in sd:
+        m = re.match(r"^stage(\d)\.OSA\d_(\d+)\.", k)
+        if m:
+            modules.setdefault(int(m.group(1)), [])
+            if int(m.group(2)) not in modules[int(m.group(1))]:
+                modules[int(m.group(1))].append(int(m.group(2)))
+    with_ese = {(s, b) for s, bs in modules.items() for b in bs if f"stage{s}.OSA{s}_{b}.ese.fc.weight" in sd}
+    all_modules = {(s, b) for s, bs in modules.items() for b in bs}
+    last = {(s, max(bs)) for s, bs in modules.items()}
+    placement = "none" if not with_ese else "all" if with_ese == all_modules else "last" if with_ese == last \
+        else None
+    if placement is None:
+        raise ConvertError(f"eSE layers in {sorted(with_ese)} are neither in every OSA module nor in the last "
+                           f"module of each stage; no VoVNet variant has that layout.")
+    if arch:
+        if arch not in VOVNET_SPECS:
+            raise ConvertError(f"--arch {arch!r} is not a VoVNet CONV_BODY; use one of {list(VOVNET_SPECS)}.")
+        return arch, placement
+    dw = "stem.stem_2/dw_conv3x3.weight" in sd
+
+    def out_ch(prefix):
+        t = sd.get(prefix + "/pw_conv1x1.weight", sd.get(prefix + "/conv.weight"))
+        return None if t is None else int(t.shape[0])
+
+    stem = tuple(out_ch(f"stem.stem_{i}") for i in (1, 2, 3))
+    bps = tuple(len(modules.get(s, [])) for s in (2, 3, 4, 5))
+    lpb = len({k.split(".")[3] for k in sd if k.startswith("stage2.OSA2_1.layers.")})
+    conv_ch = tuple(out_ch(f"stage{s}.OSA{s}_1.layers.0.OSA{s}_1_0") for s in (2, 3, 4, 5))
+    out = tuple(out_ch(f"stage{s}.OSA{s}_1.concat.OSA{s}_1_concat") for s in (2, 3, 4, 5))
+    for name, spec in VOVNET_SPECS.items():
+        if (spec.stem, spec.stage_conv_ch, spec.stage_out_ch, spec.layer_per_block, spec.block_per_stage,
+                spec.depthwise) == (stem, conv_ch, out, lpb, bps, dw) and (spec.ese == "none") == (placement == "none"):
+            return name, placement
+    raise ConvertError(f"no VoVNet variant has stem {stem}, widths {conv_ch}/{out}, {lpb} layers per module, "
+                       f"{bps} modules per stage (depthwise={dw}); known: {list(VOVNET_SPECS)}. Pass --arch.")
+
+
+def _convert_vovnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
+                    style: Optional[str]) -> Converted:
+    dropped: List[str] = []
+    if fmt == "timm-vovnet":
+        bare, _ = convert_timm_vovnet(src)
+    else:
+        bare, _ = convert_vovnet_detectron2(src)
+        dropped = sorted(k for k in src if not re.match(r"^((module|backbone\.bottom_up|bottom_up)\.)*"
+                                                        r"(stem|stage[2-5])\.", k))
+    body, placement = _infer_vovnet(bare, arch)
+    model = VoVNet(body, norm="BN", ese_placement=placement)
+    config = {"MODEL.VOVNET.CONV_BODY": body, "MODEL.VOVNET.ESE_PLACEMENT": placement,
+              **(RGB_IMAGENET if fmt == "timm-vovnet" else BGR_CAFFE)}
+    return Converted(bare, model, config, {"arch": body, "CONV_BODY": body, "ESE_PLACEMENT": placement},
+                     dropped, {}, {}, [])
+
+
+VOVNET_FORMATS = (
+    WeightFormat("vovnet-d2", "vovnet", "vovnet-detectron2 / centermask2 checkpoint",
+                 lambda sd: has_key(sd, r"(^|\.)stem\.stem_1/"), _convert_vovnet),
+    WeightFormat("timm-vovnet", "vovnet", "timm ese_vovnet* / vovnet*a",
+                 lambda sd: has_key(sd, r"^stages\.\d\.blocks\.\d+\.conv_(mid|concat)\."), _convert_vovnet),
+)
+
+
+def describe_vovnet_weights(bare: Mapping[str, torch.Tensor]) -> Optional[Tuple[str, Dict]]:
+    """``("a VoVNet V-39-eSE backbone", {"MODEL.VOVNET.CONV_BODY": "V-39-eSE"})``; None if not a VoVNet."""
+    if not has_key(bare, r"(^|\.)stem\.stem_1/"):
+        return None
+    body, _ = _infer_vovnet(bare, None)
+    return f"a VoVNet {body} backbone", {"MODEL.VOVNET.CONV_BODY": body}
+
+
+VOVNET_FAMILY = register_family(Family(
+    name="vovnet", build=VoVNet, config_node="MODEL.VOVNET", add_config_keys=add_vovnet_config,
+    arg_keys={
+        "spec": "MODEL.VOVNET.CONV_BODY", "norm": "MODEL.VOVNET.NORM", "out_features": "MODEL.VOVNET.OUT_FEATURES",
+        **BACKBONE_KEYS, "norm_eval": "MODEL.VOVNET.NORM_EVAL", "with_cp": "MODEL.VOVNET.WITH_CP",
+        "ese_placement": "MODEL.VOVNET.ESE_PLACEMENT", "stage_with_dcn": "MODEL.VOVNET.STAGE_WITH_DCN",
+        "with_modulated_dcn": "MODEL.VOVNET.WITH_MODULATED_DCN",
+        "deformable_groups": "MODEL.VOVNET.DEFORMABLE_GROUPS"},
+    feature_names=VOVNET_FEATURES, config_dir="VoVNet",
+    variants={v: ["MODEL.VOVNET.CONV_BODY", v] for v in VOVNET_SPECS if v.startswith("V-")},
+    aliases={"build_vovnet_backbone": "build_d2b_vovnet_backbone",
+             "build_vovnet_fpn_backbone": "build_d2b_vovnet_fpn_backbone"},
+    weight_formats=VOVNET_FORMATS, describe_weights=describe_vovnet_weights,
+    effective_config={"MODEL.VOVNET.ESE_PLACEMENT": _vovnet_ese_placement},
+    contract_variants={
+        "V-19-slim-dw-eSE": dict(spec="V-19-slim-dw-eSE"),
+        "V-19-eSE-last-DCNv2": dict(spec="V-19-eSE", ese_placement="last", stage_with_dcn=[False, False, True, True],
+                                    with_modulated_dcn=True)},
+))

@@ -272,7 +272,7 @@ def test_detector_trains_and_infers_under_bf16_autocast(rel):
 @pytest.fixture(scope="module")
 def tiny_coco(tmp_path_factory):
     """8 + 3 synthetic 128x128 images, registered as amp_tiny_train / amp_tiny_val."""
-    from d2_backbones.shapes import make_shapes
+    from d2_backbones.data import make_shapes
     from d2_backbones.train import register_coco_datasets
 
     root = make_shapes(str(tmp_path_factory.mktemp("amp_data") / "tiny"), n_train=8, n_val=3, size=128)

@@ -22,34 +22,16 @@ import d2_backbones
 from d2_backbones import FAMILIES, FamilyBackbone, build_fpn, kwargs_from_cfg
 from d2_backbones.export import export_torchscript
 
-_GC_SE = [dict(type="gc", position="after_conv3", stages=(False, True, True, True)),
-          dict(type="se", position="after_conv2", stages=(True, False, False, False))]
-# family -> variant id -> constructor kwargs (norm "BN" unless given)
-VARIANTS = {
-    "resnet": {
-        "R-18": dict(depth=18, res2_channels=64),
-        "R-50-V1d-caffe": dict(depth=50, deep_stem=True, avg_down=True, stride_in_1x1=True),
-        "R-50-DCNv2-GC-SE": dict(depth=50, deform_on_per_stage=[False, True, True, True], deform_modulated=True,
-                                 plugins=_GC_SE, out_features=["stem", "res2", "res3", "res4"]),
-    },
-    "vovnet": {
-        "V-19-slim-dw-eSE": dict(spec="V-19-slim-dw-eSE"),
-        "V-19-eSE-last-DCNv2": dict(spec="V-19-eSE", ese_placement="last", stage_with_dcn=[False, False, True, True],
-                                    with_modulated_dcn=True),
-    },
-    "ghostnet": {
-        "GhostNet-0.5": dict(width=0.5),
-        "GhostNet-1.3-no-final-conv": dict(width=1.3, final_conv=False),
-    },
-}
+# family -> variant id -> constructor kwargs (norm "BN" unless given): each family's own ``contract_variants``
+VARIANTS = {name: dict(fam.contract_variants) for name, fam in FAMILIES.items()}
 # the heavier variants run in the slow tier; the development loop keeps one or two light ones per family
-HEAVY = {"R-50-V1d-caffe", "R-50-DCNv2-GC-SE", "GhostNet-1.3-no-final-conv"}
+HEAVY = {v for fam in FAMILIES.values() for v in fam.heavy_variants}
 CASES = [pytest.param((fam, vid), id=vid, marks=[pytest.mark.slow] if vid in HEAVY else [])
          for fam in VARIANTS for vid in VARIANTS[fam]]
 
 
 def test_every_family_has_contract_variants():
-    assert set(VARIANTS) == set(FAMILIES)
+    assert all(VARIANTS.values()) and set(VARIANTS) == set(FAMILIES)
 
 
 def build(family, kwargs, **more):

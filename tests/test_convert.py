@@ -19,7 +19,7 @@ from d2_backbones.config import get_cfg
 from d2_backbones.convert import ConvertError, WeightsMismatchError, check_weights_metadata, main, read_checkpoint
 from d2_backbones.ghostnet import GhostNet
 from d2_backbones.resnet import build_resnet
-from d2_backbones.train import AtomicCheckpointer
+from d2_backbones.weights import Checkpointer
 from d2_backbones.vovnet import VoVNet
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
@@ -432,7 +432,7 @@ def test_metadata_mismatch_warning_names_keys(tmp_path):
     _, _, dst = _convert(tmp_path, torchvision.models.resnet18().state_dict())
     cfg = _cfg("ResNet/faster_rcnn_R_18_FPN_1x.yaml", "INPUT.FORMAT", "BGR", "MODEL.PIXEL_STD", [1.0, 1.0, 1.0])
     model = build_model(cfg)
-    cp = AtomicCheckpointer(model, cfg=cfg)
+    cp = Checkpointer(model, cfg=cfg)
     cap = _Capture()
     cp.logger.addHandler(cap)
     level = cp.logger.level
@@ -466,4 +466,4 @@ def test_loading_report_fails_on_wrong_width(tmp_path):
     _, _, dst = _convert(tmp_path, timm.create_model("ghostnet_050", pretrained=False).state_dict())
     model = build_model(_cfg("GhostNet/faster_rcnn_ghostnet_100_FPN_1x.yaml"))
     with pytest.raises(WeightsMismatchError, match=r"other shapes.*ghostnet width 0.5.*MODEL.GHOSTNET.WIDTH 0.5"):
-        AtomicCheckpointer(model).load(dst)
+        Checkpointer(model).load(dst)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from d2_backbones import ConfigError
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 
 from conftest import CONFIG_DIR, REPO
 
@@ -298,7 +298,7 @@ def test_detectron2_treats_flagged_boxes_as_the_warning_says(shapes, tmp_path):
 
 @pytest.mark.slow
 def test_data_does_not_import_the_trainer():
-    code = ("import sys, d2_backbones.data, d2_backbones.shapes; "
+    code = ("import sys, d2_backbones.data; "
             "print(sorted(m for m in sys.modules if m.startswith('d2_backbones.')))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -102,29 +102,146 @@ def test_mmdet_num_outs_with_max_pool_levels():
         build_backbone(cfg)
 
 
-def _imports(path):
-    tree = ast.parse(open(path).read())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            out.add(node.module.split(".")[0])
+def _module_name(path):
+    rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _package_modules():
+    """Every module of the package, subpackages included: dotted name -> path."""
+    out = {}
+    for root, _, files in os.walk(os.path.join(REPO, "d2_backbones")):
+        for f in files:
+            if f.endswith(".py"):
+                out[_module_name(os.path.join(root, f))] = os.path.join(root, f)
     return out
 
 
+def _imports(name, path, modules):
+    """The package modules ``name`` imports, in every form (``import d2_backbones.x``, ``from d2_backbones.x
+    import y``, ``from . import x``, ``from .x import y``, ``from .. import x``, at module level or inside a
+    function); importing ``a.b.c`` also runs the packages ``a.b`` and ``a``."""
+    tree = ast.parse(open(path).read())
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        explicit = [t for t in targets if t in modules]
+        if isinstance(node, ast.ImportFrom):  # ``from pkg import a, b``: pkg itself counts only if a name is no module
+            mod = targets[0]
+            if all(t in modules for t in targets[1:]) and mod in [t.rpartition(".")[0] for t in targets[1:]]:
+                explicit = [t for t in explicit if t != mod or mod != "d2_backbones"]
+        for t in explicit:
+            parts = t.split(".")
+            for k in range(2, len(parts) + 1):  # importing a.b.c runs a.b too; the root only when named itself
+                cand = ".".join(parts[:k])
+                if cand in modules and cand != name and not name.startswith(cand + "."):  # own packages: running
+                    found.add(cand)
+            if t == "d2_backbones" and name != "d2_backbones":
+                found.add(t)
+    return found
+
+
+def _graph():
+    modules = _package_modules()
+    return {m: _imports(m, p, modules) for m, p in modules.items()}
+
+
+def test_import_graph_sees_every_form_and_subpackage():
+    graph = _graph()
+    assert "d2_backbones.weights.checks" in graph and "d2_backbones.weights.formats" in graph["d2_backbones.weights.checks"]
+    assert "d2_backbones.families" in graph["d2_backbones.weights.formats"]          # from ..families import
+    assert "d2_backbones.weights.formats" in graph["d2_backbones.resnet"]             # from .weights.formats import
+    assert "d2_backbones.weights" in graph["d2_backbones.resnet"]                     # ... which runs weights/__init__
+    assert "d2_backbones.build" in graph["d2_backbones"]                               # from . import build
+
+
 def test_no_import_cycle_between_package_modules():
-    pkg = os.path.join(REPO, "d2_backbones")
-    graph = {f[:-3]: _imports(os.path.join(pkg, f)) for f in os.listdir(pkg) if f.endswith(".py")}
-    assert "train" not in graph["data"] and "data" in graph["train"]
+    """No cycle in the graph of every module (the root package, which imports everything, aside), and no module
+    imports the root package (``import d2_backbones`` inside a function is a cycle too)."""
+    graph = _graph()
+    assert "d2_backbones.train" not in graph["d2_backbones.data"] and "d2_backbones.data" in graph["d2_backbones.train"]
+    importers_of_root = sorted(m for m, deps in graph.items() if "d2_backbones" in deps and m != "d2_backbones")
+    assert not importers_of_root, importers_of_root
 
     def reach(a, seen):
         for b in graph.get(a, ()):
-            if b not in seen:
+            if b != "d2_backbones" and b not in seen:
                 seen.add(b)
                 reach(b, seen)
         return seen
 
-    cycles = [m for m in graph if m != "__init__" and m in reach(m, set())]
+    cycles = [m for m in graph if m != "d2_backbones" and m in reach(m, set())]
     assert not cycles, cycles
+
+
+# The shared machinery: it reads FAMILIES and knows no family by name.
+SHARED = ["d2_backbones.families", "d2_backbones.config", "d2_backbones.build", "d2_backbones.weights",
+          "d2_backbones.weights.formats", "d2_backbones.weights.checks", "d2_backbones.weights.checkpointer",
+          "d2_backbones.weights.read", "d2_backbones.weights.write", "d2_backbones.weights.cli",
+          "d2_backbones.layers", "d2_backbones.fpn", "d2_backbones.errors"]
+
+
+def _family_modules():
+    return {f.build.__module__ for f in FAMILIES.values() if f.build.__module__.startswith("d2_backbones.")}
+
+
+def _code_strings(path):
+    """String constants and names of a module's code (docstrings and comments left out)."""
+    tree = ast.parse(open(path).read())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                docstrings.add(id(body[0].value))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            out.append(node.value)
+        elif isinstance(node, ast.Name):
+            out.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.append(node.attr)
+    return out
+
+
+def test_shared_modules_know_no_family_by_name():
+    """A family's home is the only module that names it: the shared modules import no family module and their
+    code holds none of a family's config nodes, builder names or its class name."""
+    homes = _family_modules()
+    assert {"d2_backbones.resnet", "d2_backbones.vovnet", "d2_backbones.ghostnet"} <= homes
+    graph = _graph()
+    modules = _package_modules()
+    for shared in SHARED:
+        assert not (graph[shared] & homes), (shared, graph[shared] & homes)
+        words = " ".join(_code_strings(modules[shared]))
+        for fam in FAMILIES.values():
+            if not fam.build.__module__.startswith("d2_backbones."):
+                continue
+            for needle in (fam.config_node, *fam.builder_names, fam.build.__name__, fam.config_dir):
+                assert needle not in words, (shared, needle)
+
+
+def test_family_homes_import_only_lower_layers():
+    """Imports point one way: the family homes never import config/build or anything above them."""
+    graph = _graph()
+    lower = {"d2_backbones.errors", "d2_backbones.layers", "d2_backbones.fpn", "d2_backbones.families",
+             "d2_backbones.weights", "d2_backbones.weights.formats", "d2_backbones.weights.read",
+             "d2_backbones.weights.write", "d2_backbones.weights.checks", "d2_backbones.weights.checkpointer",
+             "d2_backbones.yaml_safety", "d2_backbones.rundir"}
+    for home in _family_modules():
+        assert graph[home] <= lower, (home, graph[home] - lower)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from detectron2.data import MetadataCatalog
 from d2_backbones import ConfigError
 from d2_backbones.preflight import (check_num_processes, check_values, divergence_cause, is_out_of_memory,
                                     out_of_memory_error)
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 from d2_backbones.train import argument_parser, check_opts, setup
 
 from conftest import CONFIG_DIR, REPO

@@ -599,7 +599,7 @@ _SLOW_RUNS = [  # (family, config, extra overrides): one Python config per famil
 
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory):
-    from d2_backbones.shapes import make_shapes
+    from d2_backbones.data import make_shapes
 
     return make_shapes(str(tmp_path_factory.mktemp("lazy_data") / "tiny_shapes"), n_train=8, n_val=3, size=128)
 

@@ -14,7 +14,7 @@ import d2_backbones
 from d2_backbones import ConfigError, build_resnet
 from d2_backbones import kwargs_from_cfg
 from d2_backbones.errors import argument_keys
-from d2_backbones.checkpoint import convert_timm_resnet, convert_torchvision_resnet
+from d2_backbones.resnet import convert_timm_resnet, convert_torchvision_resnet
 from d2_backbones.layers import count_params
 from d2_backbones.resnet import DeepStem, ResNetDeformBottleneckBlock
 

@@ -26,7 +26,7 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from d2_backbones import ConfigError
 from d2_backbones.rundir import (LOCK_NAME, OutputDirInUseError, _release, check_max_to_keep, claim_output_dir,
                                  guard_writers, lock_output_dir, no_space_left, previous_run)
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 from d2_backbones.weights import Checkpointer, CheckpointWriteError, PeriodicCheckpointer
 
 from conftest import CONFIG_DIR, REPO

@@ -17,7 +17,7 @@ import torch
 from detectron2.data import DatasetCatalog
 
 from d2_backbones import ConfigError
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 from d2_backbones.train import argument_parser, check_num_classes, check_opts, register_coco_datasets, setup
 
 from conftest import CONFIG_DIR, REPO
@@ -217,7 +217,7 @@ def test_retinanet_class_key_is_checked(data_root, monkeypatch):
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(CONFIG_DIR, "ResNet", "retinanet_R_50_FPN_1x.yaml"))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("shapes_train",), ()
-    from d2_backbones.shapes import register_shapes
+    from d2_backbones.data import register_shapes
     register_shapes()
     with pytest.raises(ConfigError, match=r"MODEL.RETINANET.NUM_CLASSES=80"):
         check_num_classes(cfg)

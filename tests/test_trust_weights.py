@@ -24,7 +24,7 @@ import d2_backbones
 from d2_backbones import Checkpointer, WeightsMismatchError
 from d2_backbones.export import build_export_model
 from d2_backbones.resnet import build_resnet
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 from d2_backbones.weights import CheckpointReadError, load_file
 from d2_backbones.weights.cli import main as convert_main
 

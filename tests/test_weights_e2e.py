@@ -30,7 +30,7 @@ from detectron2.modeling import build_model
 import d2_backbones
 from d2_backbones import Checkpointer, WeightsMismatchError
 from d2_backbones.convert import main as convert_main
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 from d2_backbones.train import argument_parser, setup
 from d2_backbones.weights import UnsafeCheckpointError, state_nbytes
 

@@ -54,6 +54,8 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts,
 from detectron2.engine import hooks
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
+from ..errors import ConfigError, is_int
+from ..families import FAMILIES
 from .checks import (WeightsMismatchError, bottom_up_units, check_bottom_up, check_missing_backbone,
                      check_shape_skips, check_weights_metadata, check_weights_policy, compare_bottom_up,
                      count_non_finite, family_of_backbone_name, load_summary)
@@ -280,8 +282,6 @@ class Checkpointer(DetectionCheckpointer):
         family = family_of_backbone_name(name) if isinstance(name, str) else None
         if family is None:
             return "OUT_FEATURES (MODEL.<FAMILY>.OUT_FEATURES in a yaml config, out_features in a Python config)"
-        from ..families import FAMILIES
-
         return f"{FAMILIES[family].config_node}.OUT_FEATURES"
 
     def _fits_nothing(self, state: Dict[str, Any], model_state) -> None:
@@ -366,6 +366,17 @@ class Checkpointer(DetectionCheckpointer):
 _PERIODIC = re.compile(r"^(?P<prefix>.+)_(?P<iter>\d{7})\.pth$")
 
 
+def check_max_to_keep(value, key: str = "SOLVER.MAX_TO_KEEP") -> Optional[int]:
+    """The number of periodic checkpoints to keep: ``None`` (keep all) for ``None``, ``0`` and ``-1``."""
+    if value is None:
+        return None
+    if not is_int(value) or value < -1:
+        raise ConfigError(f"{key}={value!r} is not valid. Valid values: a positive number of periodic checkpoints "
+                          f"to keep, or 0 / -1 to keep them all. Fix: set {key} 0 to keep every checkpoint.")
+    return value if value > 0 else None
+
+
+
 class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     """detectron2's ``PeriodicCheckpointer`` hook (fvcore's, as a hook) whose ``max_to_keep`` counts the
     periodic files on disk.
@@ -373,7 +384,7 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     fvcore prunes from a list kept in memory, so every resume leaves the older files behind;
     here after each periodic save the ``<prefix>_NNNNNNN.pth`` files in the directory are listed
     and all but the newest ``max_to_keep`` removed. ``max_to_keep`` ``None``, ``0`` or ``-1`` keeps
-    them all; other negatives are refused (:func:`d2_backbones.rundir.check_max_to_keep`).
+    them all; other negatives are refused (:func:`check_max_to_keep`).
 
     Pruning only removes files of this run's series: files of iterations up to the one just
     saved, never the file ``last_checkpoint`` names, nor one of a later iteration or written
@@ -382,8 +393,6 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def __init__(self, checkpointer, period: int, max_iter: Optional[int] = None, max_to_keep: Optional[int] = None,
                  file_prefix: str = "model"):
-        from ..rundir import check_max_to_keep
-
         super().__init__(checkpointer, period, max_iter=max_iter, max_to_keep=None, file_prefix=file_prefix)
         self.keep = check_max_to_keep(max_to_keep, "max_to_keep")
 

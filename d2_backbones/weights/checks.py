@@ -21,7 +21,7 @@ At load time, in this order:
    shape and every bottom-up tensor of the file must be used. Otherwise one
    :class:`WeightsMismatchError` gives the counts, the first keys, the likely cause (another depth,
    another family, other ``OUT_FEATURES``) and the fix. Tensors that weights of the plain network
-   lack by design (:data:`OPTIONAL_KINDS`: deformable-conv offsets, GC/SE plugins, running statistics
+   lack by design (:func:`optional_kinds`: deformable-conv offsets, GC/SE plugins, running statistics
    of affine-only weights) stay initialised when the file holds none of their kind (one INFO line).
    Heads and the FPN are not checked (another class count is ordinary fine-tuning).
 
@@ -43,21 +43,16 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 
 import torch
 
-from .formats import EFFECTIVE_CONFIG_VALUE, METADATA_KEY, PREFIX, PREPROCESSING_KEYS, listing
+from ..families import FAMILIES, family_reading
+from .formats import METADATA_KEY, PREFIX, PREPROCESSING_KEYS, ConvertError, effective_config_values, listing
 from .read import CheckpointReadError, load_file
 
 __all__ = ["WeightsMismatchError", "check_weights_metadata", "check_missing_backbone", "check_shape_skips",
            "count_non_finite", "load_summary", "overrides_string", "family_of_backbone_name", "BottomUpLoad",
-           "compare_bottom_up", "check_bottom_up", "bottom_up_units", "OPTIONAL_KINDS", "WEIGHTS_CHECK_POLICIES",
+           "compare_bottom_up", "check_bottom_up", "bottom_up_units", "optional_kinds", "WEIGHTS_CHECK_POLICIES",
            "check_weights_policy"]
 
 logger = logging.getLogger("d2_backbones")
-
-# detectron2's own ResNet builders read MODEL.RESNETS too. Other unknown names: the config is not
-# compared, the structural checks still run.
-_DETECTRON2_RESNET_BUILDERS = ("build_resnet_backbone", "build_resnet_fpn_backbone",
-                               "build_retinanet_resnet_fpn_backbone")
-
 
 class WeightsMismatchError(ValueError):
     """Weights made for another architecture than the model (depth, width, variant, eSE placement, ...)."""
@@ -87,13 +82,10 @@ def check_weights_policy(value: Any, key: str = "MODEL.WEIGHTS_CHECK") -> str:
 
 
 def family_of_backbone_name(name: str) -> Optional[str]:
-    """The family (``FAMILIES`` name) a ``MODEL.BACKBONE.NAME`` builds; detectron2's ResNet builders count as
-    ``"resnet"``; None for others."""
-    from ..families import family_of_builder
-
-    if name in _DETECTRON2_RESNET_BUILDERS:
-        return "resnet"
-    fam = family_of_builder(name)
+    """The family (``FAMILIES`` name) whose config a ``MODEL.BACKBONE.NAME`` reads (its ``also_built_by``:
+    detectron2's ResNet builders count as ``"resnet"``); None for others (their config is not compared with
+    the weights' metadata; the structural checks still run)."""
+    fam = family_reading(name)
     return fam.name if fam is not None else None
 
 
@@ -187,9 +179,10 @@ def check_weights_metadata(cfg, checkpoint: Any, log: Optional[logging.Logger] =
         log.warning(msg + " (MODEL.WEIGHTS_CHECK warn: loading anyway)")
     for key, want in meta["config"].items():
         have = _cfg_value(cfg, key)
-        if have is not KeyError and key in EFFECTIVE_CONFIG_VALUE:
+        effective = effective_config_values()
+        if have is not KeyError and key in effective:
             try:
-                have = EFFECTIVE_CONFIG_VALUE[key](cfg, have)
+                have = effective[key](cfg, have)
             except (AttributeError, KeyError):
                 pass
         if have is KeyError or _same(have, want):
@@ -270,23 +263,28 @@ def check_shape_skips(model_keys: Sequence[str], incorrect_shapes: Sequence, met
         arch = {k: v for k, v in metadata["config"].items() if k not in PREPROCESSING_KEYS}
         msg += f" The file says it holds {metadata.get('arch')}: set {overrides_string(arch)}."
     else:
-        msg += (" Fix: set the family keys to the checkpoint's architecture (e.g. MODEL.RESNETS.DEPTH, "
-                "MODEL.VOVNET.CONV_BODY, MODEL.GHOSTNET.WIDTH), or convert it with python -m d2_backbones.convert.")
+        nodes = ", ".join(f"{f.config_node}.*" for f in FAMILIES.values())
+        msg += (f" Fix: set the family keys to the checkpoint's architecture ({nodes}), or convert it with "
+                f"python -m d2_backbones.convert.")
     if policy == "warn":
         (log or logger).warning(msg + " (MODEL.WEIGHTS_CHECK warn: loading anyway)")
         return
     raise WeightsMismatchError(msg)
 
 
-# Tensors a model may have that weights of the plain network lack by design. When the file holds no tensor of
-# a kind, the model's tensors of that kind keep their initialisation (one INFO line names them); when it holds
-# some, the others count as missing.
-OPTIONAL_KINDS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
-    ("deformable-conv offsets (conv2_offset, zero-initialised)", re.compile(r"\.conv2_offset\.")),
-    ("plugins (GC / SE blocks, after_convN)", re.compile(r"\.after_conv\d\.")),
-    ("norm running statistics (affine-only weights such as MSRA's .pkl: mean 0, variance 1)",
-     re.compile(r"\.running_(mean|var)$")),
-)
+# Tensors a model may have that weights of the plain network lack by design: each family's ``optional_weights``
+# (deformable-conv offsets, plugins) and, for affine-only files (Caffe2/MSRA .pkl), norm running statistics.
+# When the file holds no tensor of a kind, the model's tensors of that kind keep their initialisation (one INFO
+# line names them); when it holds some, the others count as missing.
+_RUNNING_STATS = ("norm running statistics (affine-only weights such as MSRA's .pkl: mean 0, variance 1)",
+                  re.compile(r"\.running_(mean|var)$"))
+
+
+def optional_kinds(affine_only_norms: bool = False) -> List[Tuple[str, "re.Pattern[str]"]]:
+    """``(kind, regex)`` of the tensors a file may lack by design (every family's ``optional_weights``, and the
+    running statistics when ``affine_only_norms``)."""
+    kinds = [k for fam in FAMILIES.values() for k in fam.optional_weights]
+    return kinds + [_RUNNING_STATS] if affine_only_norms else kinds
 
 
 def _ignored(key: str) -> bool:
@@ -304,10 +302,10 @@ class BottomUpLoad:
     model: List[str]                            # the model's bottom-up parameters and buffers
     file: List[str]                             # the file's bottom-up tensors
     loaded: List[str]                           # in both, same shape
-    missing: List[str]                          # the model's, not in the file (OPTIONAL_KINDS apart)
+    missing: List[str]                          # the model's, not in the file (optional_kinds() apart)
     unexpected: List[str]                       # the file's, not in the model
     shapes: List[Tuple[str, Tuple[int, ...], Optional[Tuple[int, ...]]]]  # (key, file shape, model shape)
-    initialised: Dict[str, List[str]] = field(default_factory=dict)  # OPTIONAL_KINDS name -> keys
+    initialised: Dict[str, List[str]] = field(default_factory=dict)  # optional_kinds() name -> keys
 
     @property
     def complete(self) -> bool:
@@ -317,9 +315,6 @@ class BottomUpLoad:
         """``backbone.bottom_up: 53/104 tensors loaded (51 missing, 0 unexpected, 0 of another shape)``"""
         return (f"{self.prefix.rstrip('.')}: {len(self.loaded)}/{len(self.model)} tensors loaded ({len(self.missing)} "
                 f"missing, {len(self.unexpected)} unexpected, {len(self.shapes)} of another shape)")
-
-
-_RUNNING_STATS = OPTIONAL_KINDS[2][0]
 
 
 def compare_bottom_up(model_state: Mapping[str, Any], file_state: Mapping[str, Any], *,
@@ -348,9 +343,7 @@ def compare_bottom_up(model_state: Mapping[str, Any], file_state: Mapping[str, A
     missing = [k for k in model if k not in file_state]
     held = set(file) | {k for k, _ in shape_skipped}
     initialised = {}
-    for name, pattern in OPTIONAL_KINDS:
-        if name == _RUNNING_STATS and not affine_only_norms:
-            continue
+    for name, pattern in optional_kinds(affine_only_norms):
         if not any(pattern.search(k) for k in held):
             kind = [k for k in missing if pattern.search(k)]
             if kind:
@@ -388,22 +381,16 @@ def _unit_of(rel: str, units: Sequence[str]) -> str:
 
 def _describe_file(bare: Mapping[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
     """``("a ResNet R-50 backbone", {"MODEL.RESNETS.DEPTH": 50})`` for bottom-up tensors in the package's
-    names, from the converter's architecture inference; None when it cannot tell."""
-    from .formats import (FORMATS, ConvertError, _infer_ghostnet, _infer_resnet, _infer_vovnet,
-                          _resnet_arch_name)
-
-    try:
-        if FORMATS["ghostnet"].detect(bare):
-            width = _infer_ghostnet(bare, None)
-            return f"a GhostNet width {width:g} backbone", {"MODEL.GHOSTNET.WIDTH": width}
-        if FORMATS["vovnet-d2"].detect(bare):
-            body, _ = _infer_vovnet(bare, None)
-            return f"a VoVNet {body} backbone", {"MODEL.VOVNET.CONV_BODY": body}
-        if any(re.match(r"^res[2-5]\.\d+\.", k) for k in bare):
-            v = _infer_resnet(bare)
-            return f"a ResNet {_resnet_arch_name(v)} backbone", {"MODEL.RESNETS.DEPTH": v["depth"]}
-    except (ConvertError, KeyError, IndexError, ValueError, TypeError, AttributeError):
-        return None
+    names, from the first family whose ``describe_weights`` recognises them; None when none can tell."""
+    for fam in FAMILIES.values():
+        if fam.describe_weights is None:
+            continue
+        try:
+            described = fam.describe_weights(bare)
+        except (ConvertError, KeyError, IndexError, ValueError, TypeError, AttributeError):
+            described = None
+        if described is not None:
+            return described
     return None
 
 
@@ -418,9 +405,9 @@ def _likely_cause(r: BottomUpLoad, units: Sequence[str], file_state: Mapping[str
         top = lambda keys: listing(sorted({rel(k).split(".")[0] for k in keys}), 6)  # noqa: E731
         return (f"another backbone family or layout: almost no name is shared (the file's bottom-up modules: "
                 f"{top(file_keys)}; the model's: {top(r.model)}).{holds}")
-    for name, pattern in OPTIONAL_KINDS[:2]:
+    for name, pattern in optional_kinds():
         if r.unexpected and all(pattern.search(k) for k in r.unexpected) and not r.missing:
-            return f"the file has {name} that the model has not (MODEL.RESNETS.DEFORM_ON_PER_STAGE / PLUGINS)."
+            return f"the file has {name} that the model has not."
     file_units = {_unit_of(rel(k), units) for k in file_keys}
     model_units = {_unit_of(rel(k), units) for k in r.model}
     if file_units != model_units:

@@ -82,7 +82,7 @@ def _read_source(path: str) -> Any:
         raise ConvertError(
             f"{path}: detectron2/Caffe2 .pkl files (e.g. the MSRA ImageNet weights) need no conversion - set "
             f"MODEL.WEIGHTS to the .pkl; d2_backbones' checkpointer reads it safely (numpy arrays only). MSRA weights "
-            f"expect MODEL.RESNETS.STRIDE_IN_1X1 True, INPUT.FORMAT BGR, MODEL.PIXEL_STD [1.0, 1.0, 1.0].")
+            f"expect the caffe style, BGR input and PIXEL_STD 1.0, as detectron2's own R-50/R-101 configs set.")
     try:
         return load_file(path)
     except ConvertError:

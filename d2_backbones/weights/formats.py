@@ -1,28 +1,17 @@
-"""The weight formats the package converts, as one table, and the conversion itself.
+"""The weight formats the package converts, as one table filled by the families, and the conversion itself.
 
-Each :class:`WeightFormat` row says how a format is detected (from key names), which family it
-belongs to, and how it is converted: the key map (a pure function beside the family, as timm
-keeps ``checkpoint_filter_fn`` in each model file), how the architecture is inferred from the
-tensors, and the config values the weights need. :data:`FORMATS` lists them in detection
-order; :func:`detect_format` takes the first row whose ``detect`` matches.
+This module knows no family by name. Each family's home declares its formats (its
+:class:`~d2_backbones.families.Family` record's ``weight_formats``): a :class:`WeightFormat` row says how
+a format is detected (from key names), which family it belongs to, and how it is converted (the key
+map, the architecture inferred from the tensors, the config values the weights need), in one converter
+signature ``convert(fmt, state, extras, *, arch, style) -> Converted``, as timm keeps
+``checkpoint_filter_fn`` in each model file. :data:`FORMATS` lists every family's rows in registration
+order; :func:`detect_format` takes the first row whose ``detect`` matches (a format that cannot be told
+from its keys, such as a timm model's, detects nothing and is named with ``--format``). The formats
+and their sources are listed in ``docs/weights.md``.
 
-=======================  ========  ==========================================================
-format                   family    source
-=======================  ========  ==========================================================
-``mmdet-detector``       resnet    MMDetection detector ``{"meta", "state_dict"}``: backbone as
-                                   ``mmdet-resnet``, FPN neck -> ``fpn_lateral``/``fpn_output``/
-                                   ``top_block``; heads dropped
-``vovnet-d2``            vovnet    vovnet-detectron2 / centermask2 files (bare or ``{"model"}``)
-``timm-vovnet``          vovnet    timm ``ese_vovnet*`` / ``vovnet*a`` (eSE placement "last")
-``ghostnet``             ghostnet  timm ``ghostnet_*`` and Huawei ``ghostnet_pytorch``
-``timm-resnet``          resnet    timm ``resnet*c``/``resnet*d`` (deep stem, avg-down)
-``mmdet-resnet``         resnet    open-mmlab ``ResNet``/``V1c``/``V1d``/ResNeXt, GN, DCN
-``torchvision-resnet``   resnet    torchvision ``resnet*``/``resnext*`` (and timm's plain resnet)
-=======================  ========  ==========================================================
-
-Adding a format (or a fourth family's format): write its key map in the family file, then one
-``_convert_<family>`` function here (architecture -> model, config) if the family is new, and one
-row in :data:`FORMATS`.
+Adding a format (or a fourth family's formats): a key map and a converter in the family's module, one
+row in its record's ``weight_formats``.
 
 Example::
 
@@ -39,16 +28,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..fpn import build_fpn
-from ..ghostnet import GHOSTNET_STEM_CHANNELS, GHOSTNET_WIDTHS, GhostNet, convert_ghostnet_state_dict
-from ..layers import make_divisible
-from ..resnet import (RESNET_DEPTHS, build_resnet, convert_mmdet_resnet, convert_timm_resnet,
-                      convert_torchvision_resnet)
-from ..vovnet import VOVNET_SPECS, VoVNet, convert_timm_vovnet, convert_vovnet_detectron2
+from ..families import FAMILIES
 from .read import CheckpointReadError
 
-__all__ = ["ConvertError", "WeightFormat", "FORMATS", "PREFIX", "METADATA_KEY", "PREPROCESSING_KEYS",
-           "detect_format", "convert_checkpoint", "unwrap_state_dict"]
+__all__ = ["ConvertError", "Converted", "WeightFormat", "FORMATS", "PREFIX", "METADATA_KEY", "PREPROCESSING_KEYS",
+           "RGB_IMAGENET", "BGR_CAFFE", "has_key", "detect_format", "convert_checkpoint", "unwrap_state_dict",
+           "effective_config_values"]
 
 PREFIX = "backbone.bottom_up."
 METADATA_KEY = "d2_backbones"
@@ -56,24 +41,12 @@ METADATA_KEY = "d2_backbones"
 # key in a file's metadata changes the network, and a mismatch stops the load.
 PREPROCESSING_KEYS = ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD")
 
-_RGB_IMAGENET = {"INPUT.FORMAT": "RGB", "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+# The preprocessing of ImageNet weights trained in torchvision/timm style, and of Caffe2/MSRA-style weights.
+RGB_IMAGENET = {"INPUT.FORMAT": "RGB", "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
                  "MODEL.PIXEL_STD": [58.395, 57.12, 57.375]}
-_BGR_CAFFE = {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
+BGR_CAFFE = {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
               "MODEL.PIXEL_STD": [1.0, 1.0, 1.0]}
 _DROP_ALWAYS = re.compile(r"^(module\.)?(fc|head\.fc|classifier|conv_head)\.|(^|\.)(total_ops|total_params)$")
-
-
-def _vovnet_ese_placement(cfg, value):
-    """``MODEL.VOVNET.ESE_PLACEMENT: ""`` means the CONV_BODY's own placement."""
-    if value:
-        return value
-    spec = VOVNET_SPECS.get(cfg.MODEL.VOVNET.CONV_BODY)
-    return spec.ese if spec is not None else value
-
-
-# Config keys whose value in a config can mean something else than it says; the load-time check
-# compares the effective value: key -> fn(cfg, value).
-EFFECTIVE_CONFIG_VALUE: Dict[str, Callable[[Any, Any], Any]] = {"MODEL.VOVNET.ESE_PLACEMENT": _vovnet_ese_placement}
 
 
 class ConvertError(CheckpointReadError):
@@ -103,304 +76,38 @@ class WeightFormat:
     convert: Callable[..., Converted]
 
 
-def _has(sd: Mapping, pattern: str) -> bool:
+def has_key(sd: Mapping, pattern: str) -> bool:
+    """Whether a key of ``sd`` matches the regular expression ``pattern`` (for a format's ``detect``)."""
     return any(re.search(pattern, k) for k in sd)
 
 
-# ---------------------------------------------------------------------------------------------- ResNet
-_ARCH_RE = re.compile(r"^(R|X)-(\d+)(?:-(\d+)x(\d+)d)?(?:-V1([cd]))?$", re.IGNORECASE)
+class _FormatTable(Mapping):
+    """Format name -> :class:`WeightFormat`, every registered family's rows in registration order (a live view:
+    a family registered later adds its rows)."""
+
+    def _rows(self) -> Dict[str, WeightFormat]:
+        return {f.name: f for fam in FAMILIES.values() for f in fam.weight_formats}
+
+    def __getitem__(self, name: str) -> WeightFormat:
+        return self._rows()[name]
+
+    def __iter__(self):
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __repr__(self) -> str:
+        return f"FORMATS({', '.join(self)})"
 
 
-def _resnet_arch_name(v: Mapping) -> str:
-    name = f"X-{v['depth']}-{v['num_groups']}x{v['width_per_group']}d" if v["num_groups"] > 1 else f"R-{v['depth']}"
-    suffix = "-V1d" if v["deep_stem"] and v["avg_down"] else "-V1c" if v["deep_stem"] else ""
-    return name + suffix
+FORMATS: Mapping[str, WeightFormat] = _FormatTable()
 
 
-def _infer_resnet(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Architecture of a detectron2-named ResNet state dict, from its key names and shapes."""
-    blocks: Dict[int, int] = {}
-    for k in sd:
-        m = re.match(r"^res(\d)\.(\d+)\.", k)
-        if m:
-            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
-    counts = tuple(blocks.get(s, 0) for s in (2, 3, 4, 5))
-    kind = "bottleneck" if "res2.0.conv3.weight" in sd else "basic"
-    depth = next((d for d, (kd, n) in RESNET_DEPTHS.items() if kd == kind and n == counts), None)
-    if depth is None:
-        raise ConvertError(f"the ResNet stages have {counts} {kind} blocks, which is no known depth "
-                           f"({ {d: n for d, (_, n) in RESNET_DEPTHS.items()} }). Pass --arch if the file is "
-                           f"truncated, or check the file.")
-    deep_stem = "stem.conv3.weight" in sd
-    stem_key = "stem.conv3.weight" if deep_stem else "stem.conv1.weight"
-    v: Dict[str, Any] = dict(depth=depth, deep_stem=deep_stem, avg_down=False, num_groups=1, width_per_group=64,
-                             stem_channels=int(sd[stem_key].shape[0]))
-    if kind == "bottleneck":
-        w = sd["res2.0.conv2.weight"]
-        bottleneck = int(w.shape[0])
-        groups = bottleneck // int(w.shape[1])
-        v.update(num_groups=groups, width_per_group=bottleneck // groups,
-                 res2_channels=int(sd["res2.0.conv3.weight"].shape[0]))
-    v["norm"] = "GN" if ("stem.conv1.norm.weight" in sd and "stem.conv1.norm.running_mean" not in sd) else "BN"
-    dcn = [any(k.startswith(f"res{s}.") and ".conv2_offset." in k for k in sd) for s in (2, 3, 4, 5)]
-    v["deform_on_per_stage"] = dcn
-    if any(dcn):
-        ch = next(int(t.shape[0]) for k, t in sd.items() if k.endswith("conv2_offset.weight"))
-        v["deform_modulated"] = ch % 27 == 0
-        v["deform_num_groups"] = ch // 27 if ch % 27 == 0 else ch // 18
-    return v
-
-
-def _resnet_variant(src_sd, sd, arch: Optional[str]) -> Dict[str, Any]:
-    v = _infer_resnet(sd)
-    v["avg_down"] = any(re.match(r"^layer\d\.\d+\.downsample\.2\.", k) for k in src_sd)
-    if arch:
-        m = _ARCH_RE.match(arch)
-        if not m:
-            raise ConvertError(f"--arch {arch!r} is not a ResNet name; use e.g. R-50, R-101-V1d, X-101-32x8d, "
-                               f"X-50-32x4d-V1c.")
-        fam, depth, g, w, variant = m.groups()
-        v.update(depth=int(depth), deep_stem=variant is not None, avg_down=(variant or "").lower() == "d",
-                 num_groups=int(g) if fam.upper() == "X" else 1, width_per_group=int(w) if fam.upper() == "X" else 64,
-                 stem_channels=64)
-        v.pop("res2_channels", None)
-        if int(depth) not in RESNET_DEPTHS:
-            raise ConvertError(f"--arch {arch!r}: depth {depth} is not one of {list(RESNET_DEPTHS)}.")
-    return v
-
-
-def _resnet_model(v: Mapping) -> nn.Module:
-    kw = {k: v[k] for k in ("depth", "deep_stem", "avg_down", "num_groups", "width_per_group", "stem_channels",
-                            "norm", "deform_on_per_stage", "res2_channels", "deform_modulated", "deform_num_groups")
-          if k in v}
-    if RESNET_DEPTHS[v["depth"]][0] == "basic":
-        kw.pop("res2_channels", None)
-    try:
-        return build_resnet(**kw)
-    except ValueError as e:
-        raise ConvertError(f"cannot build the architecture {_resnet_arch_name(v)}: {e}") from None
-
-
-def _resnet_config(v: Mapping, stride_in_1x1: bool) -> Dict[str, Any]:
-    cfg = {"MODEL.RESNETS.DEPTH": v["depth"], "MODEL.RESNETS.NUM_GROUPS": v["num_groups"],
-           "MODEL.RESNETS.WIDTH_PER_GROUP": v["width_per_group"], "MODEL.RESNETS.DEEP_STEM": v["deep_stem"],
-           "MODEL.RESNETS.AVG_DOWN": v["avg_down"], "MODEL.RESNETS.STRIDE_IN_1X1": stride_in_1x1,
-           "MODEL.RESNETS.STEM_OUT_CHANNELS": v["stem_channels"],
-           "MODEL.RESNETS.RES2_OUT_CHANNELS": v.get("res2_channels", 64 if v["depth"] < 50 else 256)}
-    if v["norm"] == "GN":
-        cfg["MODEL.RESNETS.NORM"] = "GN"
-    if any(v["deform_on_per_stage"]):
-        cfg["MODEL.RESNETS.DEFORM_ON_PER_STAGE"] = list(v["deform_on_per_stage"])
-        cfg["MODEL.RESNETS.DEFORM_MODULATED"] = v["deform_modulated"]
-        cfg["MODEL.RESNETS.DEFORM_NUM_GROUPS"] = v["deform_num_groups"]
-    return cfg
-
-
-def _mmdet_style(extras: Mapping, style: Optional[str]) -> str:
-    if style:
-        return style
-    meta = extras.get("meta")
-    text = meta.get("config", "") if isinstance(meta, Mapping) else ""
-    if isinstance(text, str) and re.search(r"style\s*=\s*['\"]caffe['\"]", text):
-        return "caffe"
-    return "pytorch"
-
-
-def _convert_neck(neck: Mapping[str, torch.Tensor], bottom_up) -> Tuple[Dict[str, torch.Tensor], Dict, List[str]]:
-    """MMDetection FPN neck -> detectron2 FPN names; returns (tensors, fpn config, unmapped keys)."""
-    shapes = bottom_up.output_shape()
-    by_channels = {s.channels: name for name, s in shapes.items() if name.startswith("res")}
-    laterals: Dict[int, Dict] = {}
-    outputs: Dict[int, Dict] = {}
-    unmapped: List[str] = []
-    for k, v in neck.items():
-        m = re.match(r"^(lateral_convs|fpn_convs)\.(\d+)\.conv\.(weight|bias)$", k)
-        if not m:
-            unmapped.append("neck." + k)
-            continue
-        (laterals if m.group(1) == "lateral_convs" else outputs).setdefault(int(m.group(2)), {})[m.group(3)] = v
-    n = len(laterals)
-    if n == 0:
-        raise ConvertError("the neck has no lateral_convs.i.conv: not an MMDetection FPN neck.")
-    in_features = []
-    for i in range(n):
-        feat = by_channels.get(int(laterals[i]["weight"].shape[1]))
-        if feat is None:
-            raise ConvertError(f"neck.lateral_convs.{i} takes {laterals[i]['weight'].shape[1]} channels, which no "
-                               f"stage of the backbone produces ({ {s.channels: k for k, s in shapes.items()} }).")
-        in_features.append(feat)
-    out: Dict[str, torch.Tensor] = {}
-    for i, feat in enumerate(in_features):
-        s = feat[len("res"):]
-        for part, t in laterals[i].items():
-            out[f"backbone.fpn_lateral{s}.{part}"] = t
-        for part, t in outputs.pop(i, {}).items():
-            out[f"backbone.fpn_output{s}.{part}"] = t
-    extra = [outputs[i] for i in sorted(outputs)]
-    out_channels = int(laterals[0]["weight"].shape[0])
-    fpn: Dict[str, Any] = {"MODEL.FPN.IN_FEATURES": in_features, "MODEL.FPN.OUT_CHANNELS": out_channels}
-    if not extra:
-        fpn["MODEL.FPN.TOP_BLOCK"] = "maxpool"
-    else:
-        if len(extra) > 2:
-            raise ConvertError(f"the neck has {len(extra)} extra fpn_convs; detectron2's FPN top blocks make at most "
-                               f"two (P6, P7).")
-        src_ch = int(extra[0]["weight"].shape[1])
-        fpn["MODEL.FPN.TOP_BLOCK"] = "p6p7" if len(extra) == 2 else "p6"
-        fpn["MODEL.FPN.TOP_BLOCK_SOURCE"] = "on_output" if src_ch == out_channels else "on_input"
-        fpn["MODEL.FPN.TOP_BLOCK_RELU"] = False  # MMDetection's default relu_before_extra_convs=False
-        for name, conv in zip(("p6", "p7"), extra):
-            for part, t in conv.items():
-                out[f"backbone.top_block.{name}.{part}"] = t
-    return out, fpn, unmapped
-
-
-def _convert_resnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
-                    style: Optional[str]) -> Converted:
-    dropped: List[str] = []
-    neck: Dict[str, torch.Tensor] = {}
-    if fmt == "mmdet-detector":
-        style = _mmdet_style(extras, style)
-        neck = {k[len("neck."):]: v for k, v in src.items() if k.startswith("neck.")}
-        dropped = sorted(k for k in src if not k.startswith(("backbone.", "neck.")))
-        src = {k[len("backbone."):]: v for k, v in src.items() if k.startswith("backbone.")}
-    key_map = {"torchvision-resnet": convert_torchvision_resnet, "timm-resnet": convert_timm_resnet}.get(
-        fmt, convert_mmdet_resnet)
-    bare, _ = key_map(src)
-    v = _resnet_variant(src, bare, arch)
-    stride_in_1x1 = style == "caffe"
-    model = _resnet_model(v)
-    config = {**_resnet_config(v, stride_in_1x1), **(_BGR_CAFFE if stride_in_1x1 else _RGB_IMAGENET)}
-    variant = {"arch": _resnet_arch_name(v), "style": "caffe" if stride_in_1x1 else "pytorch", **v}
-    extra, reference, unmapped = {}, {}, []
-    if fmt == "mmdet-detector":
-        extra, fpn_cfg, unmapped = _convert_neck(neck, model)
-        config.update(fpn_cfg)
-        fpn = build_fpn(model, fpn_cfg["MODEL.FPN.IN_FEATURES"], fpn_cfg["MODEL.FPN.OUT_CHANNELS"],
-                        top_block=fpn_cfg["MODEL.FPN.TOP_BLOCK"],
-                        top_block_source=fpn_cfg.get("MODEL.FPN.TOP_BLOCK_SOURCE", "on_input"),
-                        top_block_relu=fpn_cfg.get("MODEL.FPN.TOP_BLOCK_RELU", True))
-        reference = {"backbone." + k: t for k, t in fpn.state_dict().items() if not k.startswith("bottom_up.")}
-    return Converted(bare, model, config, variant, dropped, extra, reference, unmapped)
-
-
-# ---------------------------------------------------------------------------------------------- VoVNet
-def _infer_vovnet(sd: Mapping[str, torch.Tensor], arch: Optional[str]) -> Tuple[str, str]:
-    """``(CONV_BODY, ESE_PLACEMENT)`` of a VoVNet state dict in our names."""
-    modules: Dict[int, List[int]] = {}
-    for k in sd:
-        m = re.match(r"^stage(\d)\.OSA\d_(\d+)\.", k)
-        if m:
-            modules.setdefault(int(m.group(1)), [])
-            if int(m.group(2)) not in modules[int(m.group(1))]:
-                modules[int(m.group(1))].append(int(m.group(2)))
-    with_ese = {(s, b) for s, bs in modules.items() for b in bs if f"stage{s}.OSA{s}_{b}.ese.fc.weight" in sd}
-    all_modules = {(s, b) for s, bs in modules.items() for b in bs}
-    last = {(s, max(bs)) for s, bs in modules.items()}
-    placement = "none" if not with_ese else "all" if with_ese == all_modules else "last" if with_ese == last \
-        else None
-    if placement is None:
-        raise ConvertError(f"eSE layers in {sorted(with_ese)} are neither in every OSA module nor in the last "
-                           f"module of each stage; no VoVNet variant has that layout.")
-    if arch:
-        if arch not in VOVNET_SPECS:
-            raise ConvertError(f"--arch {arch!r} is not a VoVNet CONV_BODY; use one of {list(VOVNET_SPECS)}.")
-        return arch, placement
-    dw = "stem.stem_2/dw_conv3x3.weight" in sd
-
-    def out_ch(prefix):
-        t = sd.get(prefix + "/pw_conv1x1.weight", sd.get(prefix + "/conv.weight"))
-        return None if t is None else int(t.shape[0])
-
-    stem = tuple(out_ch(f"stem.stem_{i}") for i in (1, 2, 3))
-    bps = tuple(len(modules.get(s, [])) for s in (2, 3, 4, 5))
-    lpb = len({k.split(".")[3] for k in sd if k.startswith("stage2.OSA2_1.layers.")})
-    conv_ch = tuple(out_ch(f"stage{s}.OSA{s}_1.layers.0.OSA{s}_1_0") for s in (2, 3, 4, 5))
-    out = tuple(out_ch(f"stage{s}.OSA{s}_1.concat.OSA{s}_1_concat") for s in (2, 3, 4, 5))
-    for name, spec in VOVNET_SPECS.items():
-        if (spec.stem, spec.stage_conv_ch, spec.stage_out_ch, spec.layer_per_block, spec.block_per_stage,
-                spec.depthwise) == (stem, conv_ch, out, lpb, bps, dw) and (spec.ese == "none") == (placement == "none"):
-            return name, placement
-    raise ConvertError(f"no VoVNet variant has stem {stem}, widths {conv_ch}/{out}, {lpb} layers per module, "
-                       f"{bps} modules per stage (depthwise={dw}); known: {list(VOVNET_SPECS)}. Pass --arch.")
-
-
-def _convert_vovnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
-                    style: Optional[str]) -> Converted:
-    dropped: List[str] = []
-    if fmt == "timm-vovnet":
-        bare, _ = convert_timm_vovnet(src)
-    else:
-        bare, _ = convert_vovnet_detectron2(src)
-        dropped = sorted(k for k in src if not re.match(r"^((module|backbone\.bottom_up|bottom_up)\.)*"
-                                                        r"(stem|stage[2-5])\.", k))
-    body, placement = _infer_vovnet(bare, arch)
-    model = VoVNet(body, norm="BN", ese_placement=placement)
-    config = {"MODEL.VOVNET.CONV_BODY": body, "MODEL.VOVNET.ESE_PLACEMENT": placement,
-              **(_RGB_IMAGENET if fmt == "timm-vovnet" else _BGR_CAFFE)}
-    return Converted(bare, model, config, {"arch": body, "CONV_BODY": body, "ESE_PLACEMENT": placement},
-                     dropped, {}, {}, [])
-
-
-# ---------------------------------------------------------------------------------------------- GhostNet
-_GHOST_ARCH = {"ghostnet_050": 0.5, "ghostnet_100": 1.0, "ghostnet_130": 1.3}
-
-
-def _infer_ghostnet(sd: Mapping[str, torch.Tensor], arch: Optional[str]) -> float:
-    if arch:
-        if arch in _GHOST_ARCH:
-            return _GHOST_ARCH[arch]
-        try:
-            return float(arch)
-        except ValueError:
-            raise ConvertError(f"--arch {arch!r} is not a GhostNet width; use one of {list(_GHOST_ARCH)} or a "
-                               f"number such as 1.3.") from None
-    stem = int(sd["conv_stem.weight"].shape[0])
-    widths = {make_divisible(GHOSTNET_STEM_CHANNELS * w, 4): w for w in GHOSTNET_WIDTHS}
-    if stem not in widths:
-        raise ConvertError(f"conv_stem has {stem} output channels, which matches no known GhostNet width "
-                           f"({ {c: w for c, w in widths.items()} }); pass --arch WIDTH.")
-    return widths[stem]
-
-
-def _convert_ghostnet(fmt: str, src: Dict[str, torch.Tensor], extras: Mapping, *, arch: Optional[str],
-                      style: Optional[str]) -> Converted:
-    width = _infer_ghostnet(src, arch)
-    final_conv = any(k.startswith("blocks.9.") for k in src)
-    try:
-        model = GhostNet(width, norm="BN", final_conv=final_conv,
-                         out_features=["stem", "stage2", "stage3", "stage4", "stage5"])
-    except ValueError as e:
-        raise ConvertError(f"cannot build GhostNet width {width}: {e}") from None
-    bare, dropped = convert_ghostnet_state_dict(src)
-    config = {"MODEL.GHOSTNET.WIDTH": width, "MODEL.GHOSTNET.FINAL_CONV": final_conv, **_RGB_IMAGENET}
-    variant = {"arch": f"ghostnet width {width:g}", "width": width, "final_conv": final_conv}
-    return Converted(bare, model, config, variant, dropped, {}, {}, [])
-
-
-# ---------------------------------------------------------------------------------------------- the table
-def _is_torchvision_resnet(sd) -> bool:
-    return _has(sd, r"^layer1\.0\.conv1\.weight$")
-
-
-FORMATS: Dict[str, WeightFormat] = {f.name: f for f in (
-    WeightFormat("mmdet-detector", "resnet", "MMDetection detector checkpoint (backbone + FPN neck; heads dropped)",
-                 lambda sd: _has(sd, r"^backbone\.") and _has(sd, r"^(neck|rpn_head|roi_head|bbox_head)\."),
-                 _convert_resnet),
-    WeightFormat("vovnet-d2", "vovnet", "vovnet-detectron2 / centermask2 checkpoint",
-                 lambda sd: _has(sd, r"(^|\.)stem\.stem_1/"), _convert_vovnet),
-    WeightFormat("timm-vovnet", "vovnet", "timm ese_vovnet* / vovnet*a",
-                 lambda sd: _has(sd, r"^stages\.\d\.blocks\.\d+\.conv_(mid|concat)\."), _convert_vovnet),
-    WeightFormat("ghostnet", "ghostnet", "timm ghostnet_* / Huawei ghostnet_pytorch",
-                 lambda sd: "conv_stem.weight" in sd and _has(sd, r"^blocks\.\d+\.\d+\.ghost1\."), _convert_ghostnet),
-    WeightFormat("timm-resnet", "resnet", "timm resnet*c / resnet*d (deep stem, avg-down)",
-                 lambda sd: _is_torchvision_resnet(sd) and "conv1.0.weight" in sd, _convert_resnet),
-    WeightFormat("mmdet-resnet", "resnet", "open-mmlab ResNet / V1c / V1d / ResNeXt, GN, DCN",
-                 lambda sd: _is_torchvision_resnet(sd) and ("stem.0.weight" in sd or "gn1.weight" in sd or _has(
-                     sd, r"^layer\d\.\d+\.gn\d\.") or _has(sd, r"\.conv2\.conv_offset\.")), _convert_resnet),
-    WeightFormat("torchvision-resnet", "resnet", "torchvision resnet* / resnext* (and timm's plain resnet*)",
-                 _is_torchvision_resnet, _convert_resnet),
-)}
+def effective_config_values() -> Dict[str, Callable[[Any, Any], Any]]:
+    """Config key -> ``fn(cfg, value)`` of every family's ``effective_config`` (what the weights' metadata is
+    compared with)."""
+    return {k: fn for fam in FAMILIES.values() for k, fn in fam.effective_config.items()}
 
 
 def unwrap_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
