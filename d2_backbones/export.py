@@ -1,6 +1,6 @@
 """TorchScript and ONNX export of d2_backbones backbones (+ FPN), checked against eager outputs.
 
-Command line (``tools/export.py`` is the same entry point)::
+Command line::
 
     python -m d2_backbones.export --config-file configs/VoVNet/faster_rcnn_V_39_eSE_FPN_3x.yaml \\
         --format onnx --output out/ --height 800 --width 1344 MODEL.WEIGHTS model_final.pth

@@ -146,10 +146,10 @@ def test_main_with_normalization_inside(tmp_path):
 
 
 @pytest.mark.slow
-def test_tools_export_entry_point(tmp_path):
-    """tools/export.py in a fresh process: applies our config keys first, exports ONNX, checks parity."""
+def test_export_entry_point(tmp_path):
+    """python -m d2_backbones.export in a fresh process: applies our config keys first, exports ONNX, checks parity."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "export.py"),
+    cmd = [sys.executable, "-m", "d2_backbones.export",
            "--config-file", os.path.join(CONFIG_DIR, "VoVNet/faster_rcnn_V_19_slim_dw_eSE_FPNLite_3x.yaml"),
            "--format", "onnx", "--onnx-exporter", "torchscript", "--height", "64", "--width", "96",
            "--output", str(tmp_path), "MODEL.VOVNET.NORM", "BN"]
