@@ -17,9 +17,8 @@ from d2_backbones.errors import nearest_first
 from conftest import CONFIG_DIR, REPO
 
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-# where config keys are documented: the configuration page and the family pages
-KEY_DOCS = "\n".join(open(os.path.join(REPO, "docs", f), encoding="utf-8").read()
-                     for f in ("configuration.md", "resnet.md", "vovnet.md", "ghostnet.md"))
+DOCS = os.path.join(REPO, "docs")
+CONFIGURATION = open(os.path.join(DOCS, "configuration.md"), encoding="utf-8").read()
 FOREIGN = ["build_resnet_backbone", "build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone",
            "build_vovnet_backbone", "build_vovnet_fpn_backbone", "build_fcos_resnet_fpn_backbone",
            "build_fcos_vovnet_fpn_backbone", "build_mnv2_backbone", "build_mobilenetv2_fpn_backbone"]
@@ -34,10 +33,12 @@ def test_registered_names_present_and_not_colliding():
         assert BACKBONE_REGISTRY.get(n).__module__ == "d2_backbones.build"
 
 
-def test_every_registered_name_is_in_the_readme_table():
-    table = README.split("## Families and registered backbones")[1].split("<!-- registered-names-end -->")[0]
-    for n in d2_backbones.REGISTERED_NAMES:
-        assert f"| `{n}` |" in table, n
+def test_every_registered_name_is_in_the_registered_backbones_table():
+    """The one table of ``MODEL.BACKBONE.NAME`` values is docs/configuration.md's; it lists exactly the registered
+    names (no other page repeats it: tests/test_docs.py)."""
+    table = CONFIGURATION.split("## Registered backbones")[1].split("<!-- registered-names-end -->")[0]
+    listed = re.findall(r"^\| `(build_\w+)` \|", table, re.M)
+    assert sorted(listed) == sorted(d2_backbones.REGISTERED_NAMES), listed
 
 
 def test_import_twice_and_reload_never_raise():
@@ -85,16 +86,117 @@ def test_add_config_never_touches_detectron2_defaults():
     assert "DEEP_STEM" not in plain.MODEL.RESNETS and "TOP_BLOCK" not in plain.MODEL.FPN
 
 
-def test_added_keys_are_new_and_documented():
+def test_added_keys_are_new():
     plain = d2_get_cfg()
-    for key, default in our_keys().items():
+    for key in our_keys():
         node = plain
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.get(p, {}) if hasattr(node, "get") else {}
         assert parts[-1] not in node, f"{key} already exists in detectron2"
-        assert re.search(rf"^\| `{re.escape(key)}` \|", KEY_DOCS, re.M), f"{key} has no row in docs/"
-        assert f"`{default!r}`".replace("'", '"') in KEY_DOCS or f"`{default}`" in KEY_DOCS, (key, default)
+
+
+# ---- config keys are documented once: the family's keys on docs/<family name>.md, the shared ones on
+# docs/configuration.md. A key row is a table row (not a header) whose first cell is `KEY` (or `KEY`, `LEAF`, ...
+# for several keys of one node).
+_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)+$")
+_SEPARATOR = re.compile(r"^\|[\s:|-]+\|\s*$")
+
+
+def _package_families():
+    """The families of this package (a test's toy family, registered from outside, has no docs page)."""
+    import inspect
+
+    from d2_backbones.families import FAMILIES
+
+    return [f for f in FAMILIES.values()
+            if inspect.getmodule(f.add_config_keys).__name__.startswith("d2_backbones.")]
+
+
+def _family_page(family) -> str:
+    return f"{family.name}.md"
+
+
+def _key_rows():
+    """[(keys, cells, "page:line")] of every key row of README.md and docs/*.md."""
+    import glob
+
+    rows = []
+    for path in [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(DOCS, "*.md"))):
+        lines = open(path, encoding="utf-8").read().split("\n")
+        for i, line in enumerate(lines):
+            if not line.startswith("|") or _SEPARATOR.match(line):
+                continue
+            if i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1]):
+                continue  # a header row
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            names = re.findall(r"`([^`]+)`", cells[0])
+            if not names or not _KEY.match(names[0]) or re.sub(r"`[^`]+`|[,\s]", "", cells[0]):
+                continue
+            node = names[0].rsplit(".", 1)[0]
+            keys = [n if "." in n else f"{node}.{n}" for n in names]
+            rows.append((keys, cells, f"{os.path.relpath(path, REPO)}:{i + 1}"))
+    return rows
+
+
+def _home_page(key: str, families) -> str:
+    """Where a key is documented: its family's page if it is under a family's node, else the configuration page."""
+    for f in families:
+        if key.startswith(f.config_node + "."):
+            return os.path.join("docs", _family_page(f))
+    return os.path.join("docs", "configuration.md")
+
+
+def test_every_family_has_a_page_linked_from_the_configuration_page():
+    for f in _package_families():
+        assert os.path.isfile(os.path.join(DOCS, _family_page(f))), f"family {f.name!r} has no docs/{_family_page(f)}"
+        assert f"]({_family_page(f)}" in CONFIGURATION, f"docs/configuration.md does not link {_family_page(f)}"
+
+
+def test_every_key_is_documented_once_on_its_page():
+    """Every key the package adds and every key a family reads (its record's ``arg_keys``) has exactly one row,
+    on its family's page (``docs/<family name>.md``) or, for the shared keys, on docs/configuration.md; no key is
+    documented in two tables; every documented key exists, with the default the row states."""
+    families = _package_families()
+    cfg = d2_backbones.get_cfg()
+    where = {}
+    for keys, cells, at in _key_rows():
+        for k in keys:
+            where.setdefault(k, []).append((at, cells, len(keys)))
+    twice = {k: [at for at, _, _ in rows] for k, rows in where.items() if len(rows) > 1}
+    assert not twice, f"keys documented in more than one table row: {twice}"
+    expected = set(our_keys()) | {k for f in families for k in f.arg_keys.values()}
+    missing = sorted(k for k in expected if k not in where)
+    assert not missing, f"keys without a row in docs/ (family keys on docs/<family>.md, shared ones on " \
+                        f"docs/configuration.md): {missing}"
+    for key, [(at, cells, n)] in where.items():
+        home = _home_page(key, families)
+        assert at.startswith(home + ":"), f"{key} is documented at {at}; its place is {home}"
+        try:
+            value = cfg_get(cfg, key)
+        except KeyError:
+            pytest.fail(f"{at}: {key} is not a config key (after d2_backbones.get_cfg())")
+        if n == 1:
+            shown = repr(value).replace("'", '"')
+            assert len(cells) > 1 and f"`{shown}`" in cells[1], f"{at}: the default of {key} is `{shown}`"
+
+
+def test_key_rows_name_the_options_of_the_comment_where_the_key_is_added():
+    """The row of a key says what the comment above it in ``add_<name>_config`` (or config.py for the shared
+    keys) says: every quoted option of the comment is in the row."""
+    import inspect
+
+    homes = {f.config_node: inspect.getsource(inspect.getmodule(f.add_config_keys)) for f in _package_families()}
+    shared = open(os.path.join(REPO, "d2_backbones", "config.py")).read()
+    rows = {k: " ".join(cells) for keys, cells, _ in _key_rows() for k in keys}
+    for key in our_keys():
+        node, leaf = key.rsplit(".", 1)
+        m = re.search(rf"((?:^\s*#.*\n)+)\s*_C\.{re.escape(node)}\.{leaf} = ", homes.get(node, shared), re.M)
+        if not m or key not in rows:
+            continue  # the tests above and below report these
+        for option in re.findall(r'"([^"]*)"', m.group(1)):
+            assert f'"{option}"' in rows[key] or f"`{option}`" in rows[key], \
+                f"the row of {key} does not name the option {option!r} of its comment"
 
 
 def test_every_added_key_has_a_comment_where_it_is_added():
