@@ -3,7 +3,7 @@
 The line before such a block is one of ``<!-- run -->``, ``<!-- run: slow -->`` or
 ``<!-- not run: <reason> -->``. Python blocks run in a fresh process from an empty temporary
 directory (they must work from anywhere); bash blocks run in a temporary directory that looks like
-a checkout (links to configs/, benchmarks/, tools/, train_net.py), so their outputs land there.
+a checkout (links to configs/, benchmarks/, train_net.py), so their outputs land there.
 """
 import glob
 import os
@@ -44,7 +44,7 @@ def test_every_block_says_whether_it_runs():
 
 
 def _checkout_like(tmp_path):
-    for name in ("configs", "benchmarks", "tools", "train_net.py"):
+    for name in ("configs", "benchmarks", "train_net.py"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
 
 
@@ -77,3 +77,56 @@ def test_docstring_examples_write_nothing_into_the_working_directory(tmp_path, m
     result = doctest.testmod(d2_backbones.data, optionflags=doctest.ELLIPSIS)
     assert result.attempted and not result.failed, result
     assert os.listdir(tmp_path) == []
+
+
+# ---- one place for each kind of fact -------------------------------------------------------------------------
+def _pages():
+    """{relative path: text} of README.md and docs/*.md."""
+    paths = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+    return {os.path.relpath(p, REPO): open(p, encoding="utf-8").read() for p in paths}
+
+
+def _prose(text):
+    """The lines of a page, without the <!-- ... --> annotations (which say which test runs a block)."""
+    return [(i + 1, line) for i, line in enumerate(text.split("\n")) if not line.lstrip().startswith("<!--")]
+
+
+def test_registered_names_are_listed_once():
+    """The table of MODEL.BACKBONE.NAME values is docs/configuration.md's ("Registered backbones"); other pages
+    link to it (tests/test_config_and_registry.py checks the table against REGISTERED_NAMES)."""
+    rows = [f"{page}:{n}" for page, text in _pages().items() for n, line in _prose(text)
+            if re.match(r"^\| `build_\w+`", line) and page != os.path.join("docs", "configuration.md")]
+    assert not rows, f"registered names listed outside docs/configuration.md: {rows}"
+
+
+def test_test_matrices_are_on_the_testing_page():
+    """Which test checks what is said on docs/testing.md; user pages say what works and link there. Outside it no
+    table row names a test file and no line names a test function."""
+    testing = os.path.join("docs", "testing.md")
+    found = []
+    for page, text in _pages().items():
+        if page == testing:
+            continue
+        for n, line in _prose(text):
+            if (line.startswith("|") and re.search(r"\btest_\w+\.py\b", line)) or re.search(r"\btest_\w+\b(?!\.py)", line):
+                found.append(f"{page}:{n}: {line.strip()[:100]}")
+    assert not found, "test names outside docs/testing.md:\n" + "\n".join(found)
+
+
+def test_suite_counts_and_times_are_stated_on_the_testing_page_only():
+    testing = os.path.join("docs", "testing.md")
+    found = [f"{page}:{n}" for page, text in _pages().items() if page != testing for n, line in _prose(text)
+             if re.search(r"\b\d[\d,]*\s+(?:tests|test items|items)\b|\b\d+ passed\b", line)]
+    assert not found, f"test counts outside docs/testing.md (link to it instead): {found}"
+    assert re.search(r"\(docs/testing\.md[#)]", _pages()["README.md"].split("## Tests")[1])
+
+
+def test_removed_modules_are_not_mentioned():
+    """Replaced: d2_backbones.checkpoint by d2_backbones.resnet.convert_*, d2_backbones.shapes by
+    d2_backbones.data, tools/export.py by python -m d2_backbones.export, train.AtomicCheckpointer by
+    d2_backbones.weights.Checkpointer."""
+    gone = re.compile(r"d2_backbones[./]checkpoint\b(?!er)|d2_backbones[./]shapes\b|tools/export\.py|AtomicCheckpointer")
+    found = [f"{page}:{n}: {m.group(0)}" for page, text in _pages().items()
+             for n, line in enumerate(text.split("\n"), 1) for m in gone.finditer(line)]
+    assert not found, found
+
