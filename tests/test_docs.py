@@ -130,3 +130,27 @@ def test_removed_modules_are_not_mentioned():
              for n, line in enumerate(text.split("\n"), 1) for m in gone.finditer(line)]
     assert not found, found
 
+
+
+def _anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_pages_resolve():
+    """Links to another page (and to a heading of it) resolve, so moving a section cannot leave a dead link."""
+    pages = _pages()
+    anchors = {page: {_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)} for page, text in pages.items()}
+    dead = []
+    for page, text in pages.items():
+        for n, line in enumerate(text.split("\n"), 1):
+            for link in re.findall(r"\]\(([^)\s]+)\)", line):
+                if re.match(r"^[a-z]+:", link):
+                    continue
+                path, _, fragment = link.partition("#")
+                target = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+                if not os.path.exists(os.path.join(REPO, target)):
+                    dead.append(f"{page}:{n}: {link}")
+                elif fragment and target in anchors and fragment not in anchors[target]:
+                    dead.append(f"{page}:{n}: {link} (no such heading)")
+    assert not dead, dead
