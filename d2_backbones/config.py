@@ -9,8 +9,8 @@ comment with the options) lives in the family's own module and is named by its
 :class:`~d2_backbones.families.Family` record (``add_config_keys``). The sections below belong to no
 family: the FPN (``MODEL.FPN.*`` beyond detectron2's ``IN_FEATURES``, ``OUT_CHANNELS``, ``NORM``,
 ``FUSE_TYPE``), training and evaluation. Keys detectron2 already has are reused where the meaning is
-the same (``MODEL.BACKBONE.FREEZE_AT``, ``MODEL.RESNETS.DEPTH``, ...). Every key is documented once,
-in ``docs/configuration.md`` (a test keeps the two in sync).
+the same (``MODEL.BACKBONE.FREEZE_AT``, ...). Every key is documented once: the shared ones in
+``docs/configuration.md``, a family's on its page ``docs/<family>.md`` (a test keeps them in sync).
 """
 import copy
 import difflib
