@@ -85,7 +85,7 @@ from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from .errors import ConfigError, argument_keys, config_error
+from .errors import ConfigError, argument_keys, config_error, dotted_get
 from .fpn import build_fpn, describe_features
 
 __all__ = [
@@ -456,16 +456,6 @@ def train_settings(*, max_iter: int, init_checkpoint: str = "", output_dir: str 
 # ---------------------------------------------------------------------------------------------
 # building with checks
 # ---------------------------------------------------------------------------------------------
-def _get(node, dotted: str):
-    """``node.a.b`` for ``"a.b"`` (None when a part is missing); works on configs and dicts."""
-    for part in dotted.split("."):
-        if isinstance(node, (Mapping, DictConfig)) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
-
-
 def _as_list(v) -> List:
     return list(v) if isinstance(v, (list, tuple, ListConfig)) else [v]
 
@@ -501,7 +491,7 @@ def check_model_features(model_cfg, shapes: Mapping[str, ShapeSpec], prefix: str
     """
     produced = describe_features(shapes)
     for key in _FEATURE_KEYS:
-        wanted = _get(model_cfg, key)
+        wanted = dotted_get(model_cfg, key)
         if wanted is None:
             continue
         missing = [f for f in _as_list(wanted) if f not in shapes]
@@ -511,7 +501,7 @@ def check_model_features(model_cfg, shapes: Mapping[str, ShapeSpec], prefix: str
                                fix=f"use features it produces: {produced}; or change {prefix}.backbone "
                                    f"(in_features, top_block) so it produces them")
     for key, features_key, inverse in _STRIDE_KEYS:
-        given, features = _get(model_cfg, key), _get(model_cfg, features_key)
+        given, features = dotted_get(model_cfg, key), dotted_get(model_cfg, features_key)
         if given is None or features is None:
             continue
         want = [shapes[f].stride for f in _as_list(features)]
@@ -522,7 +512,7 @@ def check_model_features(model_cfg, shapes: Mapping[str, ShapeSpec], prefix: str
                                problem=f"does not match the strides {want} of {prefix}.{features_key}="
                                        f"{list(_as_list(features))}",
                                fix=f"set it to {expected}")
-    sem = _get(model_cfg, "sem_seg_head.input_shape")
+    sem = dotted_get(model_cfg, "sem_seg_head.input_shape")
     if sem is not None:
         for f in sem:
             if f not in shapes:
@@ -531,7 +521,7 @@ def check_model_features(model_cfg, shapes: Mapping[str, ShapeSpec], prefix: str
                                    fix=f"use features it produces: {produced}")
             spec = sem[f]
             for field in ("stride", "channels"):
-                v = _get(spec, field) if _is_call(spec) else getattr(spec, field, None)
+                v = dotted_get(spec, field) if _is_call(spec) else getattr(spec, field, None)
                 if v is not None and int(v) != getattr(shapes[f], field):
                     raise config_error(f"{prefix}.sem_seg_head.input_shape.{f}.{field}", v,
                                        problem=f"differs from the backbone's {f} ({produced})",
@@ -542,7 +532,7 @@ def class_count_keys(cfg) -> List[str]:
     """The keys holding a model's number of (foreground) classes: ``model.num_classes``
     (RetinaNet, FCOS) and/or ``model.roi_heads.num_classes`` (R-CNN, Cascade, Panoptic FPN);
     the heads read them through interpolations."""
-    return [k for k in ("model.num_classes", "model.roi_heads.num_classes") if _get(cfg, k) is not None]
+    return [k for k in ("model.num_classes", "model.roi_heads.num_classes") if dotted_get(cfg, k) is not None]
 
 
 def instantiate_model(model_cfg, prefix: str = "model") -> torch.nn.Module:
