@@ -22,10 +22,12 @@ import contextlib
 import contextvars
 import difflib
 import numbers
-from typing import Iterable, Iterator, List, Mapping, Optional, Sequence
+from collections.abc import Mapping as _MappingABC
+from collections.abc import Sequence as _SequenceABC
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 __all__ = ["ConfigError", "RegistryKeyError", "nearest_first", "config_error", "format_values", "check_out_features",
-           "check_freeze_at", "check_bools", "arg_key", "argument_keys", "is_int", "is_number"]
+           "check_freeze_at", "check_bools", "arg_key", "argument_keys", "is_int", "is_number", "dotted_get"]
 
 
 _ARG_KEYS: contextvars.ContextVar = contextvars.ContextVar("d2_backbones_arg_keys", default={})
@@ -158,3 +160,34 @@ def check_freeze_at(freeze_at, top: int, stage_names: Sequence[str], key: str, f
             fix=f"use 0 (nothing), 1 (stem{stem_note}), ..., {top} (stem and every built stage up to "
                 f"{stage_names[top - 1]})")
     return freeze_at
+
+
+def dotted_get(cfg, dotted: str, default: Any = None) -> Any:
+    """``cfg.a.b.c`` for ``"a.b.c"``, or ``default`` when a part is missing (or a node on the way is not a
+    container). One reader for every config the package sees: a yacs ``CfgNode``, an omegaconf ``DictConfig``
+    (a Python config; interpolations resolve as on attribute access) and plain dicts; an integer part indexes a
+    list (``"dataloader.train.mapper.augmentations.0.max_size"``).
+
+    Example::
+
+        >>> dotted_get({"train": {"amp": {"enabled": True}}}, "train.amp.enabled")
+        True
+        >>> dotted_get({"train": {}}, "train.amp.enabled", "unset")
+        'unset'
+        >>> dotted_get({"augs": [{"max_size": 128}]}, "augs.0.max_size")
+        128
+    """
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, _MappingABC):  # CfgNode (a dict), DictConfig, dict
+            if part not in node:
+                return default
+            node = node[part]
+        elif isinstance(node, _SequenceABC) and not isinstance(node, (str, bytes)) and part.lstrip("-").isdigit():
+            index = int(part)
+            if not -len(node) <= index < len(node):
+                return default
+            node = node[index]
+        else:
+            return default
+    return node

@@ -16,8 +16,8 @@ trailing ``KEY VALUE`` overrides) and adds:
 * the ``shapes_train`` / ``shapes_val`` quickstart datasets, generated on first use
   (:mod:`d2_backbones.data`).
 
-Setup order: ``get_cfg`` -> :func:`~d2_backbones.add_config` -> file -> overrides -> checks ->
-``default_setup``. The :class:`Trainer` uses COCO evaluation, keeps ``SOLVER.MAX_TO_KEEP``
+Setup order: ``get_cfg`` -> :func:`~d2_backbones.add_config` -> file -> overrides -> the checks of the setup
+core shared with ``lazy_train`` (:func:`d2_backbones.engine.prepare`) -> ``default_setup``. The :class:`Trainer` uses COCO evaluation, keeps ``SOLVER.MAX_TO_KEEP``
 periodic checkpoints (counted on disk), optionally a best checkpoint, saves and loads through the
 weights layer's :class:`~d2_backbones.weights.Checkpointer` (safe reading, load checks, atomic
 files, no non-finite state saved), logs what ``--resume`` resumes from, and runs
@@ -30,30 +30,25 @@ import copy
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Sequence
 
 from torch.nn.parallel import DistributedDataParallel
 
 import detectron2.engine.defaults as _d2_defaults
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from .build import check_head_features
-from .config import add_config, cfg_get, get_cfg
-from .data import coco_classes as _coco_classes
-from .data import CheckedDatasetMapper, register_coco_datasets, register_used_shapes
-from .weights import Checkpointer, NonFiniteCheckpointError, PeriodicCheckpointer, check_weights_policy
-from .errors import ConfigError
+from . import engine
+from .config import add_config, get_cfg
+from .data import CheckedDatasetMapper, register_coco_datasets
+from .weights import Checkpointer, PeriodicCheckpointer
 from .inference import is_optimized_for_inference, optimize_for_inference
 from .model_zoo import resolve_config_file
-from .rundir import (call_guarded, check_max_to_keep, claim_output_dir, guard_writers, keep_run_config,
-                     no_space_left)
+from .rundir import call_guarded, guard_writers
 from .yaml_safety import allow_unsafe_yaml
-from .preflight import (check_dataset_files, check_device, check_yacs_overrides, check_yacs_solver,
-                        divergence_cause, is_out_of_memory, out_of_memory_error, warn_large_sizes)
+from .preflight import check_yacs_overrides
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
            "AtomicCheckpointer", "ddp_any_device"]
@@ -93,95 +88,16 @@ def check_opts(opts: Sequence[str]) -> None:
         raise SystemExit(f"Config overrides must be KEY VALUE pairs; got an odd number of items: {list(opts)}")
 
 
-# ---------------------------------------------------------------------------------------------- datasets
-def _head_class_keys(cfg) -> List[str]:
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "RetinaNet":
-        return ["MODEL.RETINANET.NUM_CLASSES"]
-    if arch in ("GeneralizedRCNN", "PanopticFPN"):
-        return ["MODEL.ROI_HEADS.NUM_CLASSES"]
-    return []
-
-
-def _dataset_classes(names: Sequence[str]) -> Dict[str, List[str]]:
-    out = {}
-    for n in names:
-        if n not in DatasetCatalog.list():
-            raise ConfigError(
-                f"Dataset {n!r} (in DATASETS.TRAIN/TEST) is not registered in this process (rank "
-                f"{comm.get_rank()}). Register it with --register-coco {n} JSON IMAGE_ROOT (done inside main(), so "
-                f"spawned workers see it), or register it inside main(); code under 'if __name__ == \"__main__\":' "
-                f"is not run in spawned workers.")
-        meta = MetadataCatalog.get(n)
-        classes = meta.get("thing_classes")
-        if classes is None and meta.get("json_file"):
-            classes = _coco_classes(meta.json_file)
-        if classes is not None:
-            out[n] = list(classes)
-    return out
-
-
-def num_classes_override(mode: Optional[str]) -> Optional[int]:
-    """The class count ``--num-classes N`` forces (``None`` for no flag and for ``auto``)."""
-    if mode in (None, "auto"):
-        return None
-    try:
-        return int(mode)
-    except ValueError:
-        raise ConfigError(f"--num-classes={mode!r} must be 'auto' or an int.") from None
-
-
-def check_num_classes(cfg, mode: Optional[str] = None) -> None:
-    """Check (or with ``mode='auto'``/an int, set) the heads' NUM_CLASSES against the datasets."""
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    classes = _dataset_classes(names)
-    keys = _head_class_keys(cfg)
-    n = num_classes_override(mode)
-    if n is not None:
-        for k in keys:
-            cfg.merge_from_list([k, n])
-    counts = {n: len(c) for n, c in classes.items()}
-    if len(set(counts.values())) > 1:
-        raise ConfigError(f"The datasets disagree on their number of classes: {counts}. Train and test datasets "
-                          f"must share one category list.")
-    if not counts:
-        return
-    (dname, dclasses), = list(classes.items())[:1]
-    want = len(dclasses)
-    if mode == "auto":
-        for k in keys:
-            cfg.merge_from_list([k, want])
-        logger.info(f"--num-classes auto: {', '.join(keys)} = {want} (from {dname!r})")
-        return
-    wrong = []
-    for k in keys:
-        value = cfg_get(cfg, k)
-        if value != want:
-            wrong.append(f"{k}={value}")
-    if wrong:
-        shown = dclasses if len(dclasses) <= 10 else dclasses[:10] + ["..."]
-        raise ConfigError(
-            f"Dataset {dname!r} has {want} classes (thing_classes={shown}) but {', '.join(wrong)}. Fix: set "
-            f"{' and '.join(k + ' ' + str(want) for k in keys)} (detectron2 counts foreground classes only, no "
-            f"background), or pass --num-classes auto.")
-
-
-def check_amp_device(cfg) -> None:
-    """``SOLVER.AMP.ENABLED`` is detectron2's ``AMPTrainer``: float16 autocast with a CUDA grad scaler,
-    which stops at its first step on any other device. Say so at start, with the CPU alternative."""
-    if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
-        raise ConfigError(
-            f"SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda (detectron2's AMPTrainer trains in float16 with a "
-            f"CUDA grad scaler), but MODEL.DEVICE={cfg.MODEL.DEVICE!r}. Fix: set SOLVER.AMP.ENABLED False; for "
-            f"mixed precision on CPU (bfloat16 autocast) train the Python config of the same model: python -m "
-            f"d2_backbones.lazy_train --config-file configs/<Family>/<name>.py train.device=cpu "
-            f"train.amp.enabled=True (docs/meta_architectures.md).")
-
-
 # ---------------------------------------------------------------------------------------------- setup
+# The checks live in the setup core shared with lazy_train (d2_backbones.engine); these names stay importable here.
+check_num_classes = engine.check_num_classes
+num_classes_override = engine.num_classes_override
+check_amp_device = engine.check_precision
+
+
 def setup(args):
-    """``get_cfg`` -> ``add_config`` -> file -> overrides -> checks (device, dataset files, classes, AMP, solver
-    values: :mod:`d2_backbones.preflight`) -> freeze -> ``default_setup``."""
+    """``get_cfg`` -> ``add_config`` -> file -> overrides -> :func:`d2_backbones.engine.prepare` (device, output
+    directory, datasets, classes, AMP, solver values) -> freeze -> ``default_setup``."""
     check_opts(args.opts)
     cfg = get_cfg()
     add_config(cfg)
@@ -190,30 +106,7 @@ def setup(args):
         with allow_unsafe_yaml(getattr(args, "unsafe_yaml", False)):  # a Python tag is refused without the flag
             cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE", "MODEL.DEVICE cpu")
-    check_weights_policy(cfg.MODEL.WEIGHTS_CHECK, "MODEL.WEIGHTS_CHECK")
-    check_max_to_keep(cfg.SOLVER.MAX_TO_KEEP, "SOLVER.MAX_TO_KEEP")
-    claim = claim_output_dir(cfg.OUTPUT_DIR, args)  # one run per OUTPUT_DIR; a previous run: --resume / --overwrite
-    cfg.MODEL.WEIGHTS = claim.moved_path(cfg.MODEL.WEIGHTS)
-    # our logger first: the datasets' checks on arrival log their warnings through it
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_backbones", abbrev_name="d2b")
-    claim.log(logger, "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
-    register_coco_datasets(getattr(args, "register_coco", []) or [],
-                           check_images=not getattr(args, "skip_image_check", False))
-    register_used_shapes(cfg)
-    eval_only = getattr(args, "eval_only", False)
-    check_dataset_files([(n, "DATASETS.TRAIN") for n in ([] if eval_only else cfg.DATASETS.TRAIN)]
-                        + [(n, "DATASETS.TEST") for n in cfg.DATASETS.TEST])
-    check_num_classes(cfg, getattr(args, "num_classes", None))
-    if not eval_only:
-        check_amp_device(cfg)
-        check_yacs_solver(cfg)
-        warn_large_sizes({"INPUT.MIN_SIZE_TRAIN": cfg.INPUT.MIN_SIZE_TRAIN,
-                          "INPUT.MAX_SIZE_TRAIN": cfg.INPUT.MAX_SIZE_TRAIN})
-    cfg.freeze()
-    with no_space_left(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.OUTPUT_DIR), \
-            keep_run_config(cfg.OUTPUT_DIR, eval_only):  # --eval-only: config_eval.yaml, the run's stays
-        default_setup(cfg, args)
+    engine.prepare(cfg, args)
     return cfg
 
 
@@ -275,10 +168,10 @@ class Trainer(DefaultTrainer):
         try:
             model = super().build_model(cfg)
         except KeyError:
-            check_head_features(cfg)
+            engine.check_head_features(cfg)
             raise
         # detectron2's semantic head drops unknown IN_FEATURES silently: check after a successful build too
-        check_head_features(cfg, model.backbone.output_shape())
+        engine.check_head_features(cfg, model.backbone.output_shape())
         return model
 
     def build_hooks(self):
@@ -348,35 +241,10 @@ class Trainer(DefaultTrainer):
                 logger.info("Weights loading summary: MODEL.WEIGHTS is empty; every module is initialised from scratch.")
 
     def train(self):
-        """detectron2's training loop; a divergence names the last finite checkpoint and the fix (weights that
-        did not load first), running out of memory names the input-size keys."""
-        try:
+        """detectron2's training loop; running out of memory names the input-size keys, a divergence the last
+        finite checkpoint and the fix, weights that did not load first (:func:`d2_backbones.engine.training_errors`)."""
+        with engine.training_errors(self.cfg, self.checkpointer):
             return super().train()
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            i = self.cfg.INPUT
-            raise out_of_memory_error(
-                e, {"INPUT.MIN_SIZE_TRAIN": i.MIN_SIZE_TRAIN, "INPUT.MAX_SIZE_TRAIN": i.MAX_SIZE_TRAIN,
-                    "SOLVER.IMS_PER_BATCH": self.cfg.SOLVER.IMS_PER_BATCH, "INPUT.MIN_SIZE_TEST": i.MIN_SIZE_TEST,
-                    "INPUT.MAX_SIZE_TEST": i.MAX_SIZE_TEST},
-                "lower INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN (the shipped configs use (640, ..., 800) / 1333; "
-                "the *_TEST keys for the evaluations during training) "
-                "or SOLVER.IMS_PER_BATCH (detectron2 scales SOLVER.BASE_LR with it when "
-                "SOLVER.REFERENCE_WORLD_SIZE is set)") from e
-        except FloatingPointError as e:
-            if isinstance(e, NonFiniteCheckpointError):
-                msg = str(e)
-            else:
-                last = self.checkpointer.last_complete() if comm.is_main_process() else None
-                msg = (f"{e} The last complete checkpoint is "
-                       + (f"{os.path.join(self.cfg.OUTPUT_DIR, last)} (last_checkpoint names it)." if last
-                          else "none (no checkpoint was written before the divergence)."))
-            cause = divergence_cause(self.checkpointer, "MODEL.WEIGHTS", self.cfg.MODEL.WEIGHTS)
-            raise FloatingPointError(
-                f"Training diverged: {cause}{msg} Fix: lower SOLVER.BASE_LR (now {self.cfg.SOLVER.BASE_LR}) or "
-                f"lengthen SOLVER.WARMUP_ITERS (now {self.cfg.SOLVER.WARMUP_ITERS}); --resume continues from the last "
-                f"complete checkpoint.") from e
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

@@ -17,13 +17,13 @@ Additions (flags go before the KEY VALUE overrides): ``--register-coco NAME JSON
 starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU.
 """
 import logging
-import os
 
 from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from d2_backbones.inference import optimize_for_inference  # (any d2_backbones import registers the backbones)
+from d2_backbones import engine  # (any d2_backbones import registers the backbones)
+from d2_backbones.inference import optimize_for_inference
 from d2_backbones.preflight import check_num_processes
 from d2_backbones.train import Trainer, argument_parser, check_opts, setup
 from d2_backbones.weights import Checkpointer
@@ -49,17 +49,7 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     res = trainer.train()
-    if comm.is_main_process():
-        from d2_backbones.rundir import no_space_left  # a full disk names the file and the last checkpoint
-        from d2_backbones.visualize import draw_predictions, plot_curves
-
-        with no_space_left(os.path.join(cfg.OUTPUT_DIR, "curves.png"), cfg.OUTPUT_DIR):
-            logger.info(f"Wrote {plot_curves(cfg.OUTPUT_DIR)}")
-        if cfg.DATASETS.TEST:
-            png = os.path.join(cfg.OUTPUT_DIR, "predictions.png")
-            model = getattr(trainer.model, "module", trainer.model)  # unwrap DDP
-            with no_space_left(png, cfg.OUTPUT_DIR):
-                logger.info(f"Wrote {draw_predictions(cfg, model, cfg.DATASETS.TEST[0], png)}")
+    engine.write_pictures(cfg, trainer.model)  # curves.png, predictions.png (main process)
     return res
 
 

@@ -1,6 +1,7 @@
 """Pictures of a training run: loss/AP curves from ``metrics.json`` and predictions on val images.
 
-``train_net.py`` writes both into ``OUTPUT_DIR`` after training:
+Both trainers (``train_net`` and ``lazy_train``, through :func:`d2_backbones.engine.write_pictures`) write
+both into the output directory after training:
 
 * ``curves.png``: total loss (left) and every ``*/AP`` metric (right) against iteration. A run continued
   with ``--resume`` appends to the same ``metrics.json``, so the file holds the first run's rows past the
@@ -246,10 +247,17 @@ def _header(width: int, title: str, class_names: Optional[Sequence[str]], font_s
 
 
 @torch.no_grad()
-def draw_predictions(cfg, model, dataset_name: str, out_png: str, n: int = 8, score_thresh: float = 0.5) -> str:
+def draw_predictions(cfg, model, dataset_name: str, out_png: str, n: int = 8, score_thresh: float = 0.5, *,
+                     min_size: Optional[int] = None, max_size: Optional[int] = None,
+                     image_format: Optional[str] = None) -> str:
     """Run ``model`` on the first ``n`` images of ``dataset_name`` and save them in a grid: predictions with
     score >= ``score_thresh`` and the ground truth (see the module doc); the threshold is in the title
-    (drawn, and stored as the PNG's ``Title`` text)."""
+    (drawn, and stored as the PNG's ``Title`` text).
+
+    The images are resized and read as for evaluation: ``cfg`` (a yacs config) gives ``INPUT.MIN_SIZE_TEST``,
+    ``INPUT.MAX_SIZE_TEST`` and ``INPUT.FORMAT``; without it (``None``, e.g. for a Python config) ``min_size`` /
+    ``max_size`` (``None``: no resize) and ``image_format`` (default ``"BGR"``) say the same.
+    """
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -262,21 +270,24 @@ def draw_predictions(cfg, model, dataset_name: str, out_png: str, n: int = 8, sc
     if not dicts:
         raise ValueError(f"dataset {dataset_name!r} has no images")
     classes = MetadataCatalog.get(dataset_name).get("thing_classes", None)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    if cfg is not None:
+        min_size, max_size, image_format = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.FORMAT
+    image_format = image_format or "BGR"
+    aug = T.ResizeShortestEdge([min_size] * 2, max_size or 10 ** 9) if min_size else T.NoOpTransform()
     was_training = model.training
     model.eval()
     tiles = []
     try:
         for d in dicts:
-            img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+            img = utils.read_image(d["file_name"], format=image_format)
             h, w = img.shape[:2]
-            inp = aug.get_transform(img).apply_image(img)
+            inp = (aug.get_transform(img) if min_size else aug).apply_image(img)
             tensor = torch.as_tensor(np.ascontiguousarray(inp.astype("float32").transpose(2, 0, 1)))
             inst = model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
             inst = inst[inst.scores >= score_thresh]
             gt = [BoxMode.convert(list(a["bbox"]), a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
                   for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
-            rgb = img[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else img
+            rgb = img[:, :, ::-1] if image_format == "BGR" else img
             tiles.append(draw_instances(Image.fromarray(np.ascontiguousarray(rgb)), inst.pred_boxes.tensor.tolist(),
                                         inst.pred_classes.tolist(), inst.scores.tolist(), gt, classes))
     finally:

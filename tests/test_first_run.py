@@ -125,9 +125,14 @@ def test_registered_dataset_without_files_names_the_path_and_register_coco(tmp_p
     with pytest.raises(ConfigError, match=rf"Dataset 'coco_2017_val' \(DATASETS.TEST\) is registered with json_file="
                                           rf"{re.escape(repr(val.json_file))}"):
         setup(_args("--config-file", SHIPPED, "--eval-only", "OUTPUT_DIR", tmp_path / "b", "MODEL.DEVICE", "cpu"))
+    # lazy_train: the same check and message with its keys, the train datasets first as in train_net
+    with pytest.raises(ConfigError, match=r"Dataset 'coco_2017_train' \(dataloader.train.dataset.names\) is "
+                                          r"registered with json_file=.*--register-coco my_coco_2017_train JSON "
+                                          r"IMAGE_ROOT"):
+        _lazy_setup(f"train.output_dir={tmp_path / 'c'}", "train.device=cpu")
     with pytest.raises(ConfigError, match=r"Dataset 'coco_2017_val' \(dataloader.test.dataset.names\) is registered "
                                           r"with json_file=.*--register-coco my_coco_2017_val JSON IMAGE_ROOT"):
-        _lazy_setup(f"train.output_dir={tmp_path / 'c'}", "train.device=cpu")
+        _lazy_setup(f"train.output_dir={tmp_path / 'd'}", "train.device=cpu", eval_only=True)
 
 
 # ============================================================================================== 4. key=value
