@@ -51,7 +51,7 @@ from .yaml_safety import allow_unsafe_yaml
 from .preflight import check_yacs_overrides
 
 __all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
-           "AtomicCheckpointer", "ddp_any_device"]
+           "ddp_any_device"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -112,7 +112,6 @@ def setup(args):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 # The checkpointer of the weights layer; kept under its old name for scripts that import it from here.
-AtomicCheckpointer = Checkpointer
 
 
 # ---------------------------------------------------------------------------------------------- DDP on CPU

@@ -26,7 +26,7 @@ from detectron2.modeling import build_model
 import d2_backbones
 from d2_backbones import ConfigError, engine, lazy
 from d2_backbones.errors import dotted_get
-from d2_backbones.shapes import make_shapes
+from d2_backbones.data import make_shapes
 
 from conftest import CONFIG_DIR, REPO
 
