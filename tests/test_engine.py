@@ -155,11 +155,13 @@ def test_precision_of_each_trainer_checked_at_setup():
                    "train.amp.precision to one of them, or to None (float16 on CUDA, bfloat16 on CPU).")
 
 
-def test_lazy_train_refuses_a_bad_precision_before_building(tmp_path):
+def test_lazy_train_refuses_a_bad_precision_before_building(tmp_path, json_only):
     from d2_backbones.lazy_train import setup
 
+    train, test = json_only  # not the shapes names: those belong to other modules' dataset roots
     args = Namespace(config_file=QUICK_PY, opts=[f"train.output_dir={tmp_path / 'o'}", "train.amp.enabled=True",
-                                                 "train.amp.precision=half"],
+                                                 "train.amp.precision=half", f"dataloader.train.dataset.names={train}",
+                                                 f"dataloader.test.dataset.names={test}"],
                      resume=False, eval_only=False, num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
                      register_coco=[], num_classes=None, skip_image_check=False)
     with pytest.raises(ConfigError, match=r"train.amp.precision='half' is not supported"):
