@@ -352,6 +352,7 @@ class TimmBackbone(NormEvalMixin, Backbone):
             if isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm2d):
                 _set_module(self.body, path, _converted(m, norm, key))
 
+    @torch.jit.unused
     def _run_body(self, x: torch.Tensor) -> List[torch.Tensor]:
         out = self.body(x)
         return list(out.values()) if isinstance(out, dict) else list(out)
@@ -536,11 +537,13 @@ class TimmBackbone(NormEvalMixin, Backbone):
         reparameterize_model(self.body, inplace=True)
         convs, norms, keep = {}, {}, []
         handles = []
+        uses = _Uses()
 
         def conv_hook(path):
             def hook(_m, _inp, out):
                 convs[id(out)] = path
-                keep.append(out)
+                uses.uses[id(out)] = 0  # counted from its creation on (ids of freed tensors are reused)
+                keep.append(out)  # alive until the end: its id stays unique
             return hook
 
         def norm_hook(path):
@@ -554,7 +557,6 @@ class TimmBackbone(NormEvalMixin, Backbone):
                 handles.append(m.register_forward_hook(conv_hook(path)))
             elif isinstance(m, (_BatchNorm, FrozenBatchNorm2d)):
                 handles.append(m.register_forward_pre_hook(norm_hook(path)))
-        uses = _Uses()
         h, w = (-(-s // self._pad_to) * self._pad_to for s in _PROBE)
         try:
             with torch.no_grad(), uses:
@@ -588,7 +590,7 @@ class TimmBackbone(NormEvalMixin, Backbone):
         pad = self._pad_to
         if pad > 1 and (h % pad != 0 or w % pad != 0):
             x = F.pad(x, [0, (pad - w % pad) % pad, 0, (pad - h % pad) % pad])
-        feats = self._run_body(x)
+        feats: List[torch.Tensor] = self.body(x)  # timm's features networks return a list, in out_indices order
         out: Dict[str, torch.Tensor] = {}
         for name in self._out_features:
             f = feats[self._pos[name]]
