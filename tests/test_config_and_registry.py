@@ -19,7 +19,7 @@ from conftest import CONFIG_DIR, REPO
 README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
 # where config keys are documented: the configuration page and the family pages
 KEY_DOCS = "\n".join(open(os.path.join(REPO, "docs", f), encoding="utf-8").read()
-                     for f in ("configuration.md", "resnet.md", "vovnet.md", "ghostnet.md"))
+                     for f in ("configuration.md", "resnet.md", "vovnet.md", "ghostnet.md", "timm.md"))
 FOREIGN = ["build_resnet_backbone", "build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone",
            "build_vovnet_backbone", "build_vovnet_fpn_backbone", "build_fcos_resnet_fpn_backbone",
            "build_fcos_vovnet_fpn_backbone", "build_mnv2_backbone", "build_mobilenetv2_fpn_backbone"]
