@@ -534,6 +534,17 @@ class TimmBackbone(NormEvalMixin, Backbone):
         folded norms' names (relative to this module)."""
         from timm.utils.model import reparameterize_model
 
+        # timm's re-parameterisation fuses identity branches that must be nn.BatchNorm2d: frozen ones go back
+        # (in eval mode a BatchNorm2d with the same tensors computes the same)
+        for path, m in list(self.body.named_modules()):
+            if type(m) in (FrozenBatchNorm2d, FrozenBatchNormAct2d):
+                bn = nn.BatchNorm2d(m.num_features, eps=m.eps).eval()
+                bn.load_state_dict({k: getattr(m, k) for k in ("weight", "bias", "running_mean", "running_var")},
+                                   strict=False)
+                if isinstance(m, FrozenBatchNormAct2d):
+                    bn.__class__ = _norm_then_act(nn.BatchNorm2d)
+                    bn.drop, bn.act = m.drop, m.act
+                _set_module(self.body, path, bn)
         reparameterize_model(self.body, inplace=True)
         convs, norms, keep = {}, {}, []
         handles = []
