@@ -396,7 +396,9 @@ class TimmBackbone(NormEvalMixin, Backbone):
                 h, w = (-(-s // pad) * pad for s in _PROBE)
                 entered.clear(), exited.clear(), outputs.clear()
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad():  # a second, larger size first: fixed-size models fail there
+                        self._run_body(torch.zeros(1, self.body_in_channels, h + max(pad, 32), w))
+                        entered.clear(), exited.clear(), outputs.clear()
                         feats = self._run_body(torch.zeros(1, self.body_in_channels, h, w))
                 except Exception as e:  # noqa: BLE001 - any failure means: not at this size
                     errors.append(f"{h}x{w}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
@@ -682,14 +684,14 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor], name: str,
         except RuntimeError as e:
             raise ConvertError(f"the checkpoint does not fit timm model {name!r}: {str(e).splitlines()[0][:400]} "
                                f"Fix: pass the timm name the weights were saved from as --arch.") from None
-    bare = {"body." + k: v for k, v in loaded.state_dict().items()}
+    bare = {"body." + k: v for k, v in loaded.state_dict().items() if not k.endswith("num_batches_tracked")}
     # the features network renames nothing it keeps: a source tensor is used if an equal tensor is in `bare`
     def fingerprint(t):
         return tuple(t.shape), float(t.double().sum()), float(t.double().abs().sum())
 
     used = {fingerprint(v) for v in bare.values()}
-    dropped = sorted(k for k, v in sd.items() if fingerprint(v) not in used)
-    missing = [k for k in ours if k not in bare]
+    dropped = sorted(k for k, v in sd.items() if k.endswith("num_batches_tracked") or fingerprint(v) not in used)
+    missing = [k for k in ours if k not in bare and not k.endswith("num_batches_tracked")]
     if missing:
         raise ConvertError(f"timm model {name!r} loaded into a network whose tensors differ from d2_backbones' "
                            f"(missing {missing[:3]}).")

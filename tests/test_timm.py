@@ -72,7 +72,7 @@ def test_features_at_strides_the_model_has_and_clear_errors():
                                           r"does not produce.*convnext_atto has stage2, stage3, stage4, stage5"):
         TimmBackbone("convnext_atto", out_features=["stem", "stage2"])
     with pytest.raises(ConfigError, match=r"name='efficientnet_bo' is not a timm model name\. Valid values: "
-                                          r"'efficientnet_b0'"):
+                                          r"'efficientnet_b\d'.*Fix: set name to a name from timm.list_models"):
         TimmBackbone("efficientnet_bo")
     with pytest.raises(ConfigError, match=r"norm='FrozenBn' is not supported\. Valid values: 'FrozenBN'"):
         TimmBackbone("resnet18", norm="FrozenBn")
@@ -115,7 +115,7 @@ def test_create_kwargs_reach_timm_and_norms_keep_fused_activations():
             with torch.no_grad():
                 a, b = bn(x), other(x)
             for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
     with pytest.raises(ConfigError, match=r"norm='GN' uses GroupNorm with 32 groups, which does not divide a 16-ch"):
         TimmBackbone("mobilenetv3_large_100", norm="GN")
 
