@@ -53,7 +53,10 @@ setup(
     install_requires=["numpy", "fvcore", "yacs>=0.1.8", "pyyaml"],
     # [test]: what the test suite needs beyond the above: pytest, timm (equivalence with timm's models),
     # onnx + onnxscript + onnxruntime (ONNX export and its numerical check).
-    extras_require={"test": ["pytest>=7", "timm>=0.9", "onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]},
+    # [timm]: the timm family (any timm model as a backbone; optional: without it the family's builders say
+    # "pip install timm").
+    extras_require={"timm": ["timm>=1.0"],
+                    "test": ["pytest>=7", "timm>=1.0", "onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -61,6 +61,7 @@ from .fpn import build_fpn  # noqa: E402
 from .resnet import RESNET_DEPTHS, ResNet, build_resnet  # noqa: E402
 from .vovnet import VOVNET_SPECS, VoVNet, VoVNetSpec, convert_timm_vovnet, convert_vovnet_detectron2  # noqa: E402
 from .ghostnet import GHOSTNET_V1, GhostNet, convert_ghostnet_state_dict  # noqa: E402
+from .timm import TimmBackbone  # noqa: E402  (timm itself is optional: see d2_backbones/timm.py)
 from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
 from .inference import is_optimized_for_inference, optimize_for_inference  # noqa: E402
@@ -100,6 +101,7 @@ __all__ = [
     "GHOSTNET_V1",
     "GhostNet",
     "convert_ghostnet_state_dict",
+    "TimmBackbone",
     "build_fpn",
     "summarize_backbone",
     "optimize_for_inference",

@@ -21,6 +21,10 @@ and changes it in place:
      ``conv_stem``/``bn1`` and ``conv_dw``/``bn_dw``, VoVNet's deformable unit). A new
      family whose forward applies a norm attribute to a conv attribute lists the pair there.
 
+   A module may also prepare itself: every submodule with a ``prepare_for_inference()`` method is
+   called first (it returns the names of the norms it folded, which the report lists); a backbone
+   uses it to re-parameterise multi-branch blocks or to fold pairs the patterns above cannot see.
+
    GroupNorm (and LayerNorm) are **kept**: they normalise with statistics of each input, so
    no fixed conv weight reproduces them. BatchNorm without running statistics is kept too.
 
@@ -223,7 +227,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
             f"mode. Call model.eval() first (after loading the weights): folding uses the BatchNorm "
             f"running statistics, which training would keep changing."
         )
+    prepared = []  # modules that prepare themselves (re-parameterisation, folds fold_norms cannot see)
+    for name, module in list(model.named_modules()):
+        hook = getattr(module, "prepare_for_inference", None)
+        if callable(hook):
+            prepared += [f"{name}.{n}" if name else n for n in (hook() or ())]
     report = fold_norms(model)
+    report.folded[:0] = prepared
     if channels_last:
         model.to(memory_format=torch.channels_last)
     report.channels_last = channels_last

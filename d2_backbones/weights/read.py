@@ -12,6 +12,9 @@ Every path of the package that opens a weights file goes through :func:`load_fil
   ``__reduce__`` a file carries; this package never hands a user file to it. A ``.pkl`` that is in
   fact a ``torch.save`` zip archive is read as a ``.pth``.
 
+* ``.safetensors`` (timm's and Hugging Face's hub files): ``safetensors.torch.load_file``; the format
+  holds tensors and a JSON header, nothing that runs.
+
 A refused file raises :class:`UnsafeCheckpointError` naming the file and the refused global;
 an unreadable one (truncated, not a checkpoint) raises :class:`CheckpointReadError`. A path that
 is not a regular file (a directory, a named pipe, a device such as ``/dev/zero``, a socket, a
@@ -156,9 +159,24 @@ def check_file_kind(path: str) -> None:
     raise CheckpointReadError(f"{path}{link} is {kind}, not a weights file; it was not opened. Fix: {hint}.")
 
 
+def _safetensors_load(path: str) -> Any:
+    try:
+        from safetensors.torch import load_file as read_safetensors
+    except ImportError:
+        raise CheckpointReadError(f"{path}: reading .safetensors files needs the safetensors package. Fix: pip "
+                                  f"install safetensors.") from None
+    try:
+        return read_safetensors(path, device="cpu")
+    except Exception as e:  # truncated or not a safetensors file
+        raise CheckpointReadError(f"{path}: not a readable .safetensors file (truncated or corrupted?): "
+                                  f"{type(e).__name__}: {_first_line(e)}") from None
+
+
 def load_file(path: str) -> Any:
     """Read a local weights file without running code from it (see the module docstring)."""
     check_file_kind(path)  # before anything opens it: a FIFO would block
+    if path.endswith(".safetensors"):
+        return _safetensors_load(path)
     if not path.endswith(".pkl") or zipfile.is_zipfile(path):
         return _torch_load(path)
     with open(path, "rb") as f:
