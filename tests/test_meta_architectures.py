@@ -44,7 +44,9 @@ from d2_backbones.lazy import check_model_features, instantiate_model
 
 from conftest import CONFIG_DIR, REPO, load_cfg
 
-FAMILIES = ("ResNet", "VoVNet", "GhostNet")
+import d2_backbones
+
+FAMILIES = tuple(f.config_dir for f in d2_backbones.FAMILIES.values())  # every family's configs folder
 NEW_YAMLS = sorted(p for f in FAMILIES for pattern in ("cascade_mask_rcnn_*.yaml", "panoptic_fpn_*.yaml")
                    for p in glob.glob(os.path.join(CONFIG_DIR, f, pattern)))
 PY_CONFIGS = sorted(p for f in FAMILIES for p in glob.glob(os.path.join(CONFIG_DIR, f, "*.py"))
@@ -395,7 +397,8 @@ def test_python_configs_load_without_model_zoo():
 
 def _check_python_config(cfg, path, kind):
     fmt = cfg.dataloader.train.mapper.image_format
-    assert fmt == ("RGB" if "ghostnet" in path else "BGR")
+    common = LazyConfig.load(os.path.join(os.path.dirname(path), "common.py"), ("image_format",))
+    assert fmt == common[0]  # the family's own input format (MSRA/Caffe2 BGR or torchvision/timm RGB)
     if "input_format" in cfg.model:
         assert cfg.model.input_format == fmt
     assert cfg.dataloader.train.mapper.use_instance_mask == (kind not in ("retinanet", "fcos"))
