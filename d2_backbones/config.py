@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg as _d2_get_cfg
 
-from .errors import RegistryKeyError
+from .errors import RegistryKeyError, dotted_get, is_int
 from .families import FAMILIES, on_register
 from .yaml_safety import install_safe_yaml
 
@@ -144,17 +144,16 @@ def cfg_get(cfg: CN, dotted: str):
     Builders use it for keys another package's ``add_*_config`` may have replaced (e.g.
     vovnet-detectron2 resets the whole ``MODEL.VOVNET`` node).
     """
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, CN) or part not in node:
-            defaults = our_keys()
-            if dotted in defaults:
-                return copy.deepcopy(defaults[dotted])
-            raise KeyError(f"Config key {dotted} is missing")
-        node = node[part]
-    return node
+    value = dotted_get(cfg, dotted, _MISSING)
+    if value is not _MISSING:
+        return value
+    defaults = our_keys()
+    if dotted in defaults:
+        return copy.deepcopy(defaults[dotted])
+    raise KeyError(f"Config key {dotted} is missing")
 
 
+_MISSING = object()
 _MISSING_RE = re.compile(r"Non-existent (?:config )?key: (\S+)")
 
 
@@ -180,16 +179,8 @@ def _missing_key_hint(cfg: CN, message: str) -> Optional[str]:
 def _float_keys_accept_ints(self: CN, method_name: str, args: tuple) -> tuple:
     """An int given for a float key (``MODEL.GHOSTNET.WIDTH 1``, ``WIDTH: 1`` in a yaml) becomes that float;
     yacs would refuse it with ``Type mismatch (<class 'float'> vs. <class 'int'>)``."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
     def target(dotted):
-        node = self
-        for part in dotted.split("."):
-            if not isinstance(node, CN) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return dotted_get(self, dotted)
 
     if method_name == "merge_from_list" and args:
         opts = list(args[0])

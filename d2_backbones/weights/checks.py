@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 
 import torch
 
+from ..errors import dotted_get
 from ..families import FAMILIES, family_reading
 from .formats import METADATA_KEY, PREFIX, PREPROCESSING_KEYS, ConvertError, effective_config_values, listing
 from .read import CheckpointReadError, load_file
@@ -87,15 +88,6 @@ def family_of_backbone_name(name: str) -> Optional[str]:
     the weights' metadata; the structural checks still run)."""
     fam = family_reading(name)
     return fam.name if fam is not None else None
-
-
-def _cfg_value(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        if not hasattr(node, "get") or part not in node:
-            return KeyError
-        node = node[part]
-    return node
 
 
 def _same(a, b) -> bool:
@@ -163,9 +155,9 @@ def check_weights_metadata(cfg, checkpoint: Any, log: Optional[logging.Logger] =
         return []
     log = log or logger
     if policy is None:
-        policy = _cfg_value(cfg, "MODEL.WEIGHTS_CHECK")
+        policy = dotted_get(cfg, "MODEL.WEIGHTS_CHECK", KeyError)
         policy = "error" if policy is KeyError else policy
-    backbone_name = _cfg_value(cfg, "MODEL.BACKBONE.NAME")
+    backbone_name = dotted_get(cfg, "MODEL.BACKBONE.NAME", KeyError)
     running = family_of_backbone_name(backbone_name) if isinstance(backbone_name, str) else None
     file_family = meta.get("family")
     described = f"{meta.get('arch')}, converted from {meta.get('source_format')}"
@@ -178,7 +170,7 @@ def check_weights_metadata(cfg, checkpoint: Any, log: Optional[logging.Logger] =
             raise WeightsMismatchError(msg)
         log.warning(msg + " (MODEL.WEIGHTS_CHECK warn: loading anyway)")
     for key, want in meta["config"].items():
-        have = _cfg_value(cfg, key)
+        have = dotted_get(cfg, key, KeyError)
         effective = effective_config_values()
         if have is not KeyError and key in effective:
             try:
