@@ -562,7 +562,10 @@ class TimmBackbone(NormEvalMixin, Backbone):
         def norm_hook(path):
             def hook(_m, inp):
                 if inp and isinstance(inp[0], torch.Tensor):
-                    norms.setdefault(path, id(inp[0]))
+                    # the input's id names a conv output only while both are alive: resolve it now, and keep
+                    # the input alive so that no later tensor takes its id
+                    keep.append(inp[0])
+                    norms.setdefault(path, (convs.get(id(inp[0])), id(inp[0])))
             return hook
 
         for path, m in self.body.named_modules():
@@ -578,8 +581,7 @@ class TimmBackbone(NormEvalMixin, Backbone):
             for hd in handles:
                 hd.remove()
         folded = []
-        for npath, tid in norms.items():
-            cpath = convs.get(tid)
+        for npath, (cpath, tid) in norms.items():
             if cpath is None or uses.uses[tid] != 1:
                 continue
             conv, norm = self.body.get_submodule(cpath), self.body.get_submodule(npath)

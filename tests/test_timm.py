@@ -163,6 +163,33 @@ def test_timm_weights_round_trip_through_the_converter_and_checkpointer(tmp_path
     assert convert([src, str(tmp_path / "x.pth")]) == 2
 
 
+def test_folding_pairs_each_norm_with_the_conv_that_feeds_it():
+    """mixnet_s concatenates mixed-kernel convs before its norms: the concat's tensor is freed after the norm, and
+    a later conv output could take its id. Every fold must be the same on every copy and exact."""
+    import copy
+
+    torch.manual_seed(0)
+    model = TimmBackbone(name="mixnet_s", norm="BN", out_features=["stage2", "stage3"]).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        ref = model(x)
+    folds = []
+    for _ in range(3):
+        opt = optimize_for_inference(copy.deepcopy(model), channels_last=False)
+        folds.append(sorted(opt._d2b_inference.folded))
+        with torch.no_grad():
+            got = opt(x)
+        for k in ref:
+            assert max_rel_err(got[k], ref[k]) <= 1e-4, k
+    assert folds[0] == folds[1] == folds[2] and len(folds[0]) > 10
+
+
 def test_timm_is_optional():
     code = ("import sys; sys.modules['timm'] = None\n"
             "import d2_backbones\n"
@@ -185,8 +212,7 @@ def _instances(h, w):
     return inst
 
 
-# known open problem: optimize_for_inference differs from eager (2.6e-2 relative at p2); every other check passes
-KNOWN = {"mixnet_s": "optimize_for_inference differs from eager by 2.6e-2 (a fold of its mixed-kernel convs; open)"}
+KNOWN = {}  # model -> reason, for a check a model is known to fail (strict xfail); none today
 
 
 @pytest.mark.slow
