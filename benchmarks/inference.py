@@ -169,7 +169,9 @@ def build_reference(name: str, ours: nn.Module, cfg) -> Tuple[nn.Module, str]:
         ref = copy.deepcopy(ours)
         ref.bottom_up = _TimmGhostNetTaps(tm, ours.bottom_up)
         return ref, "timm GhostNet + detectron2 FPN"
-    return ours, "ours eager (= vovnet-detectron2)"
+    labels = {"vovnet": "ours eager (= vovnet-detectron2)",
+              "timm": "ours eager (= timm features_only + detectron2 FPN)"}
+    return ours, labels.get(family, "ours eager")
 
 
 def count_gmacs(model: nn.Module, size: Tuple[int, int]) -> float:
@@ -239,16 +241,17 @@ def bench_variant(name: str, size: Tuple[int, int], runs: int, warmup: int) -> D
 
 # ---------------------------------------------------------------------------------------------- training
 def _build_train(name: str, with_cp: bool) -> nn.Module:
-    from d2_backbones import build_resnet
-    from d2_backbones.ghostnet import GhostNet
-    from d2_backbones.vovnet import VoVNet
+    """Variant ``name``'s backbone (any family: the model table's config), BN, FREEZE_AT 1, ``with_cp``."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_backbone
+    from d2_backbones.model_table import variant_cfg, variant_family
 
     torch.manual_seed(0)
-    if name.startswith("R-"):
-        return build_resnet(int(name[2:]), norm="BN", freeze_at=1, with_cp=with_cp).train()
-    if name.startswith("GhostNet-"):
-        return GhostNet(width=float(name.split("-")[1]), norm="BN", freeze_at=1, with_cp=with_cp).train()
-    return VoVNet(name, norm="BN", freeze_at=1, with_cp=with_cp).train()
+    fam = variant_family(name)
+    cfg = variant_cfg(name, fpn=False)
+    cfg.defrost()
+    cfg.merge_from_list(["MODEL.BACKBONE.FREEZE_AT", 1, fam.arg_keys["with_cp"], with_cp])
+    return build_backbone(cfg, ShapeSpec(channels=3)).train()
 
 
 def _loss(out: Dict[str, torch.Tensor]) -> torch.Tensor:
