@@ -50,7 +50,7 @@ from .rundir import call_guarded, guard_writers
 from .yaml_safety import allow_unsafe_yaml
 from .preflight import check_yacs_overrides
 
-__all__ = ["argument_parser", "check_opts", "register_coco_datasets", "check_num_classes", "setup", "Trainer",
+__all__ = ["argument_parser", "check_opts", "register_coco_datasets", "setup", "Trainer",
            "ddp_any_device"]
 
 logger = logging.getLogger("d2_backbones")
@@ -89,12 +89,7 @@ def check_opts(opts: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- setup
-# The checks live in the setup core shared with lazy_train (d2_backbones.engine); these names stay importable here.
-check_num_classes = engine.check_num_classes
-num_classes_override = engine.num_classes_override
-check_amp_device = engine.check_precision
-
-
+# The checks live in the setup core shared with lazy_train (d2_backbones.engine).
 def setup(args):
     """``get_cfg`` -> ``add_config`` -> file -> overrides -> :func:`d2_backbones.engine.prepare` (device, output
     directory, datasets, classes, AMP, solver values) -> freeze -> ``default_setup``."""

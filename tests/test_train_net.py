@@ -18,7 +18,8 @@ from detectron2.data import DatasetCatalog
 
 from d2_backbones import ConfigError
 from d2_backbones.data import make_shapes
-from d2_backbones.train import argument_parser, check_num_classes, check_opts, register_coco_datasets, setup
+from d2_backbones.engine import check_num_classes
+from d2_backbones.train import argument_parser, check_opts, register_coco_datasets, setup
 
 from conftest import CONFIG_DIR, REPO
 
