@@ -38,6 +38,8 @@ def _long_description():
         return f.read()
 
 
+DEPLOY = ["onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31", "openvino>=2024.0"]
+
 setup(
     name="d2_backbones",
     version=_version(),
@@ -55,8 +57,11 @@ setup(
     # onnx + onnxscript + onnxruntime (ONNX export and its numerical check).
     # [timm]: the timm family (any timm model as a backbone; optional: without it the family's builders say
     # "pip install timm").
+    # [deploy]: the ONNX export and the inference runtimes behind TEST.RUNTIME (onnxruntime, openvino) and
+    # int8 calibration; optional: without them the runtime switch says what to install.
     extras_require={"timm": ["timm>=1.0"],
-                    "test": ["pytest>=7", "timm>=1.0", "onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.31"]},
+                    "deploy": DEPLOY,
+                    "test": ["pytest>=7", "timm>=1.0"] + DEPLOY},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -65,7 +65,7 @@ from .timm import TimmBackbone  # noqa: E402  (timm itself is optional: see d2_b
 from .config import add_config, get_cfg, install_config_hints  # noqa: E402
 from .summary import summarize_backbone  # noqa: E402
 from .inference import is_optimized_for_inference, optimize_for_inference  # noqa: E402
-from .predictor import OptimizedPredictor, Predictor  # noqa: E402
+from .predictor import OptimizedPredictor, Predictor, make_predictor  # noqa: E402
 from .model_zoo import get_config_file  # noqa: E402  (the configs shipped with the package)
 from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
 from .yaml_safety import UnsafeYamlError, allow_unsafe_yaml  # noqa: E402
@@ -108,6 +108,7 @@ __all__ = [
     "is_optimized_for_inference",
     "OptimizedPredictor",
     "Predictor",
+    "make_predictor",
     "Checkpointer",
     "WeightsMismatchError",
     "allow_unsafe_yaml",

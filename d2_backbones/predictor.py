@@ -23,7 +23,7 @@ from .build import check_head_features
 from .inference import optimize_for_inference
 from .weights import Checkpointer
 
-__all__ = ["Predictor", "OptimizedPredictor"]
+__all__ = ["Predictor", "OptimizedPredictor", "make_predictor"]
 
 logger = logging.getLogger("d2_backbones")
 
@@ -61,3 +61,9 @@ class OptimizedPredictor(Predictor):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.model = optimize_for_inference(self.model)
+
+
+def make_predictor(cfg) -> Predictor:
+    """The predictor ``cfg`` asks for: :class:`OptimizedPredictor` with ``TEST.OPTIMIZE_FOR_INFERENCE``,
+    else :class:`Predictor`. Tools that predict (the demo) build their predictor here."""
+    return OptimizedPredictor(cfg) if cfg.TEST.OPTIMIZE_FOR_INFERENCE else Predictor(cfg)
