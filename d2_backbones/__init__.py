@@ -22,6 +22,10 @@ What importing the package changes in detectron2, exactly:
    wrapped: yaml is read with ``yaml.safe_load`` and a Python tag (``!!python/object/apply:...``, which
    runs code when read) is refused naming the file, the line and the tag, unless inside
    :func:`allow_unsafe_yaml` (the files installed with detectron2 itself load as before).
+5. fvcore's ``JitModelAnalysis._analyze`` (under detectron2's ``FlopCountAnalysis``, ``flop_count_operators``
+   and ``activation_count_operators``) is wrapped: a model with "/" in its module names (VoVNet's
+   ``stem_1/conv``) is traced with those names escaped and reported under the real ones, where it stopped
+   with a ``KeyError`` (:mod:`d2_backbones.analyze`). Other models are analysed as before.
 
 Nothing else: detectron2's global default config is never modified (:func:`add_config` mutates only
 the cfg it is given).
@@ -69,6 +73,7 @@ from .predictor import OptimizedPredictor, Predictor, make_predictor  # noqa: E4
 from .model_zoo import get_config_file  # noqa: E402  (the configs shipped with the package)
 from .weights import Checkpointer, WeightsMismatchError  # noqa: E402
 from .yaml_safety import UnsafeYamlError, allow_unsafe_yaml  # noqa: E402
+from .analyze import install_scope_names as _install_scope_names  # noqa: E402
 
 # Importing `build` is what registers the backbones (keep this import here, and only here).
 from . import build as _build  # noqa: E402
@@ -76,6 +81,7 @@ from .build import REGISTERED_NAMES, check_head_features, kwargs_from_cfg  # noq
 
 install_config_hints()
 _build.install_registry_hints()
+_install_scope_names()
 
 __all__ = [
     "__version__",

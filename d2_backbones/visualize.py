@@ -175,18 +175,34 @@ def _dashed_rectangle(draw, box, color, width: int = 1, dash: int = 4, gap: int 
 
 
 def draw_instances(image, boxes, classes, scores, gt_boxes=(), class_names: Optional[Sequence[str]] = None,
-                   scale: int = 2, font_size: int = 11, return_labels: bool = False):
+                   scale: int = 2, font_size: int = 11, return_labels: bool = False, masks=None,
+                   mask_alpha: float = 0.4):
     """Draw predicted ``boxes`` (x0, y0, x1, y1; solid, class colour, label ``class score``) and
     ``gt_boxes`` (thin dashed white, drawn over the predictions so that they show on a matching one) on a
     copy of the PIL ``image`` scaled up ``scale`` times. Labels come last, inside the image, placed by
-    :func:`label_position` in order of score so that they do not hide each other.
+    :func:`label_position` in order of score so that they do not hide each other. ``masks`` (one boolean
+    H x W array per box, the image's size, e.g. Mask R-CNN's ``pred_masks``) tint their pixels in the box's
+    colour (``mask_alpha``) under the boxes.
 
     Returns the new image, or ``(image, label_rects)`` with ``return_labels``: the (x0, y0, x1, y1) of
     every label's background in the returned image, highest score first.
-    """
-    from PIL import ImageDraw
 
-    image = image.convert("RGB").resize((image.width * scale, image.height * scale))
+    >>> from PIL import Image
+    >>> out = draw_instances(Image.new("RGB", (40, 30)), [[5, 5, 20, 20]], [0], [0.9], class_names=["a"], scale=1)
+    >>> out.size, out.getpixel((12, 20))  # the box's lower edge, in class 0's colour
+    ((40, 30), (255, 64, 64))
+    """
+    from PIL import Image, ImageDraw
+
+    image = image.convert("RGB")
+    if masks is not None and len(masks):
+        pixels = np.asarray(image).astype(np.float32)
+        for mask, cls in zip(masks, classes):
+            m = np.asarray(mask, dtype=bool)
+            color = np.array(_COLORS[int(cls) % len(_COLORS)], dtype=np.float32)
+            pixels[m] = pixels[m] * (1 - mask_alpha) + color * mask_alpha
+        image = Image.fromarray(pixels.round().astype(np.uint8))
+    image = image.resize((image.width * scale, image.height * scale))
     draw = ImageDraw.Draw(image)
     font = _font(font_size)
     W, H = image.size
