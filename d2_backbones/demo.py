@@ -214,6 +214,13 @@ def draw(rgb: np.ndarray, instances, names: Optional[Sequence[str]], threshold: 
                           font_size=font_size, masks=masks)
 
 
+def _readable(path: str) -> None:
+    """The permissions a new file gets (``mkstemp`` makes its file private): read/write as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_image(picture, target: str) -> str:
     """Save the PIL ``picture`` at ``target`` atomically, in the format of its extension."""
     from PIL import Image
@@ -227,6 +234,7 @@ def write_image(picture, target: str) -> str:
             picture.save(f, format=fmt)
             f.flush()
             os.fsync(f.fileno())
+        _readable(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -267,6 +275,7 @@ def _run_video(predictor, path: str, target: str, names, threshold: float) -> in
                     dst.mux(packet)
         if n == 0:
             raise SystemExit(f"--input {path}: the video has no frames.")
+        _readable(tmp)
         os.replace(tmp, target)
     except av.error.FFmpegError as e:
         raise SystemExit(f"--input {path}: the video cannot be read ({e}).") from e

@@ -65,6 +65,9 @@ def test_demo_draws_one_picture_per_image(shapes, tmp_path):
         src = np.asarray(Image.open(os.path.join(shapes[1], name)).convert("RGB")).astype(int)
         pic = Image.open(out / name)
         assert pic.size == (128, 128)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's private mode
         dst = np.asarray(pic.convert("RGB")).astype(int)
         assert len(boxes) == 1
         for box, cls in zip(boxes, classes):
