@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks, launch
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -52,7 +52,7 @@ from .errors import ConfigError, dotted_get
 from .model_zoo import resolve_config_file
 from .rundir import call_guarded, guard_writers
 from .lazy import instantiate_model
-from .preflight import check_num_processes
+from .launch import launch_main
 from .train import argument_parser, ddp_any_device
 from .weights import Checkpointer, PeriodicCheckpointer
 from .yaml_safety import load_lazy_config
@@ -195,8 +195,9 @@ def do_train(args, cfg):
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        PeriodicCheckpointer(checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep", None) or None)
-        if comm.is_main_process() else None,
+        # in every process: rank 0 writes, the others wait for the file (the checkpointer's save_to_disk)
+        PeriodicCheckpointer(checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep", None) or None,
+                             synchronize=True),
         hooks.EvalHook(cfg.train.eval_period,  # a full disk while writing the results names the folder
                        lambda: call_guarded(do_test, os.path.join(output_dir, "inference"), output_dir, cfg, model)),
         hooks.PeriodicWriter(guard_writers(default_writers(output_dir, cfg.train.max_iter), output_dir),
@@ -232,14 +233,11 @@ def main(args):
 
 
 def invoke_main() -> None:
-    """Parse the command line and ``launch`` :func:`main` (one process per GPU, or per CPU worker)."""
+    """Parse the command line and run :func:`main` in every process: started by torchrun or srun, or spawned by
+    detectron2's ``launch`` (one process per GPU, or per CPU worker); see :mod:`d2_backbones.launch`."""
     args = argument_parser().parse_args()
     check_overrides(args.opts)
-    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
-    if processes:
-        print(processes)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main, args)
 
 
 if __name__ == "__main__":

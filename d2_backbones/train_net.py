@@ -18,13 +18,12 @@ starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most on
 """
 import logging
 
-from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2_backbones import engine  # (any d2_backbones import registers the backbones)
 from d2_backbones.inference import optimize_for_inference
-from d2_backbones.preflight import check_num_processes
+from d2_backbones.launch import launch_main
 from d2_backbones.train import Trainer, argument_parser, check_opts, setup
 from d2_backbones.weights import Checkpointer
 
@@ -54,15 +53,12 @@ def main(args):
 
 
 def invoke_main() -> None:
-    """Parse the command line and ``launch`` :func:`main` (one process per GPU, or per CPU worker)."""
+    """Parse the command line and run :func:`main` in every process: started by torchrun or srun, or spawned by
+    detectron2's ``launch`` (one process per GPU, or per CPU worker); see :mod:`d2_backbones.launch`."""
     args = argument_parser().parse_args()
     check_opts(args.opts)
     print("Command Line Args:", args)
-    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
-    if processes:
-        print(processes)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main, args)
 
 
 if __name__ == "__main__":
