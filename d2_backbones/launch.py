@@ -1,44 +1,45 @@
 """How the trainers' processes start: detectron2's ``launch``, torchrun (torch elastic), or SLURM's ``srun``.
 
 Both trainers (``train_net``, ``lazy_train``) end their ``invoke_main`` with :func:`launch_main`, which looks at
-the environment of the process and picks one of three ways:
+the environment of the process and picks one way (the first that applies):
 
-==========================  ============================================================================
-the environment             what happens
-==========================  ============================================================================
-``TORCHELASTIC_RUN_ID``     **torchrun** started this process: the process group comes from the environment
-(set by torchrun)           (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
-                            ``MASTER_PORT``; ``init_method="env://"``), nothing is spawned. After an elastic
-                            restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the run resumes from the last complete
-                            checkpoint, as with ``--resume``.
-``RANK`` and ``WORLD_SIZE`` another launcher that sets torch's variables (a Kubernetes job, ``mpirun`` with a
-(without torchrun)          wrapper): the same, with the rendezvous below.
-``SLURM_PROCID`` and        **srun** started this process as one task of ``SLURM_NTASKS`` > 1: rank
-``SLURM_NTASKS``            ``SLURM_PROCID``, local rank ``SLURM_LOCALID``, tasks per node from
-                            ``SLURM_STEP_TASKS_PER_NODE``, rank 0's host ``MASTER_ADDR`` or the first host of
-                            ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` (:func:`first_host`), the port
-                            ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID`` (:func:`slurm_port`). Unless
-                            ``--num-gpus`` > 1 or ``--num-machines`` > 1 are given: then detectron2's ``launch``
-                            spawns the processes (one task per node, as detectron2's docs do it).
-none of these               detectron2's ``launch`` with ``--num-gpus``, ``--num-machines``, ``--machine-rank``,
-                            ``--dist-url`` (one process by default).
-==========================  ============================================================================
+============================  ==========================================================================
+the environment               what happens
+============================  ==========================================================================
+``D2B_LAUNCHER=launch``       detectron2's ``launch``, whatever else the environment says.
+``TORCHELASTIC_RUN_ID``       **torchrun** started this process: the process group comes from its variables
+(set by torchrun)             (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+                              ``MASTER_PORT``: the store of torchrun's agent), nothing is spawned. After an
+                              elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the run resumes from the last
+                              complete checkpoint, as with ``--resume`` (:func:`elastic_restart`).
+``RANK`` and ``WORLD_SIZE``   another launcher that sets torch's variables (a Kubernetes job without
+(no torchrun)                 torchrun): the same, rank 0 serving the store at ``MASTER_ADDR:MASTER_PORT``.
+``SLURM_PROCID`` and          **srun** started this process as one of ``SLURM_NTASKS`` > 1 tasks
+``SLURM_NTASKS``              (``SLURM_STEP_NUM_TASKS`` when set): rank ``SLURM_PROCID``, local rank
+                              ``SLURM_LOCALID``, tasks per node from ``SLURM_STEP_TASKS_PER_NODE``, rank 0's
+                              address ``MASTER_ADDR`` or the first host of ``SLURM_STEP_NODELIST`` /
+                              ``SLURM_JOB_NODELIST`` (:func:`first_host`), the port ``MASTER_PORT`` or
+                              :func:`slurm_port`. Not with ``--num-gpus`` > 1 or ``--num-machines`` > 1: then
+                              detectron2's ``launch`` spawns the processes (one task per node, detectron2's recipe).
+none of these                 detectron2's ``launch`` with ``--num-gpus``, ``--num-machines``, ``--machine-rank``,
+                              ``--dist-url`` (one process by default).
+============================  ==========================================================================
 
-Checked before anything else: ``--num-gpus``/``--num-machines``/``--machine-rank`` under torchrun (the launcher
-already started every process) are refused with the reason; the rank, world size and local sizes must be integers
-that fit together (``RANK < WORLD_SIZE``, the same number of processes on every node, a local rank below it,
-ranks numbered node after node); with CUDA, no more processes per node than GPUs.
+Checked before anything else: ``--num-gpus``/``--num-machines``/``--machine-rank`` under torchrun or srun (the
+launcher already started every process) are refused with the reason; the rank, world size and local sizes must be
+integers that fit together (``RANK < WORLD_SIZE``, the same number of processes on every node, a local rank below
+it, ranks numbered node after node); with CUDA, no more processes per node than GPUs.
 
-Bounded waits, never a hang: the processes that this module brings together (srun, other launchers) wait
-``D2B_RDZV_TIMEOUT`` seconds (default 600, torchrun's ``join_timeout``) for each other at start, then stop
-naming the ranks that did not come, ``MASTER_ADDR:MASTER_PORT`` and the variables; a port in use is named at
-once. torchrun's own rendezvous is bounded by ``--rdzv-conf join_timeout=SECONDS``. ``D2B_DIST_TIMEOUT``
-(seconds, default detectron2's 1800) bounds each collective operation of the run (a process that stops answering)
-and detectron2's ``launch`` as well.
+Bounded waits, never a hang: the processes wait ``D2B_RDZV_TIMEOUT`` seconds (default 600, torchrun's
+``join_timeout``) for each other at start, then stop naming the ranks that did not come, ``MASTER_ADDR:MASTER_PORT``
+and the variables; a port in use is named at once; processes started with different world sizes are named.
+torchrun's own rendezvous (a machine missing) is bounded by ``--rdzv-conf join_timeout=SECONDS``.
+``D2B_DIST_TIMEOUT`` (seconds, default detectron2's 1800) bounds each collective operation of the run (a process
+that stops answering) and detectron2's ``launch``.
 
-After the process group exists, detectron2's local process group is created with the number of processes per
-node (``comm.get_local_rank()`` and ``comm.get_local_size()`` are right) and, with CUDA, each process takes the GPU
-of its local rank. Backend: NCCL when CUDA is available, gloo otherwise (as detectron2's ``launch``).
+Then detectron2's per-node process group is created with the number of processes per node (``comm.get_local_rank()``
+and ``comm.get_local_size()`` are right) and, with CUDA, each process takes the GPU of its local rank. Backend: NCCL
+when CUDA is available, gloo otherwise (as detectron2's ``launch``).
 
 >>> first_host("node[01-03,07],gpu5")
 'node01'

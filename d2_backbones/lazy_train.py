@@ -26,7 +26,8 @@ What it adds to detectron2's script:
 * ``train.amp.enabled=True``: detectron2's ``AMPTrainer`` (float16 + grad scaler) on CUDA, bfloat16
   autocast on CPU (``train.amp.precision`` overrides the dtype);
 * a divergence names the last complete checkpoint; several CPU processes (``--num-gpus N`` with
-  ``train.device=cpu``) use gloo;
+  ``train.device=cpu``) use gloo; started by torchrun or SLURM's ``srun`` it takes its processes from the
+  environment (:mod:`d2_backbones.launch`; ``torchrun --nproc-per-node 8 -m d2_backbones.lazy_train ...``);
 * after training, ``curves.png`` and ``predictions.png`` in ``train.output_dir``, as ``train_net`` writes them.
 
 The checks, the output directory, the error messages and the pictures are those of ``train_net``: both trainers

@@ -14,7 +14,12 @@ directory once the package is installed. Standard detectron2 usage (every flag o
 Additions (flags go before the KEY VALUE overrides): ``--register-coco NAME JSON IMAGE_ROOT``
 (repeatable; checked on arrival, see :mod:`d2_backbones.data`), ``--skip-image-check``,
 ``--num-classes auto``. On a machine without GPUs use ``MODEL.DEVICE cpu``; ``--num-gpus N`` then
-starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU.
+starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU. Started by torchrun
+or SLURM's ``srun``, it takes its processes from the environment instead (:mod:`d2_backbones.launch`)::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        -m d2_backbones.train_net --config-file CONFIG
+    sbatch scripts/slurm_train.sh CONFIG OUTPUT_DIR output/run
 """
 import logging
 

@@ -351,18 +351,58 @@ def test_two_torchrun_nodes_train_the_quickstart_to_the_one_process_parameters(t
     _assert_same_parameters(yacs_reference, out)
 
 
+# srun on one node, for the tests: starts SLURM_NTASKS tasks of the command with the variables srun gives each task
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do echo "$1" >> "$SRUN_RECORD"; shift; done
+echo "$@" >> "$SRUN_RECORD"
+[[ -n "${SRUN_DRY:-}" ]] && exit 0
+pids=()
+for ((r = 0; r < SLURM_NTASKS; r++)); do
+    SLURM_PROCID=$r SLURM_LOCALID=$r SLURM_NODEID=0 SLURM_STEP_TASKS_PER_NODE=$SLURM_NTASKS "$@" > "$SRUN_RECORD.$r" 2>&1 &
+    pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
+"""
+SLURM_SCRIPT = os.path.join(REPO, "scripts", "slurm_train.sh")
+
+
+def _fake_srun(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    return str(bin_dir)
+
+
+def test_slurm_script_builds_the_srun_line(tmp_path):
+    env = _clean_env(str(tmp_path), PATH=_fake_srun(tmp_path) + os.pathsep + os.environ["PATH"], SLURM_JOB_ID=123456,
+                     SRUN_RECORD=tmp_path / "record", SRUN_DRY=1)
+    for restart, extra in (("0", []), ("1", ["--resume"])):
+        (tmp_path / "record").write_text("")
+        p = subprocess.run(["bash", SLURM_SCRIPT, "CONFIG.yaml", "OUTPUT_DIR", "out"], capture_output=True, text=True,
+                           env={**env, "SLURM_RESTART_COUNT": restart}, timeout=30)
+        assert p.returncode == 0, p.stderr
+        flags_and_cmd = (tmp_path / "record").read_text().splitlines()
+        assert flags_and_cmd == ["--kill-on-bad-exit=1", "--distribution=block", " ".join(
+            ["python", "-m", "d2_backbones.train_net", "--config-file", "CONFIG.yaml"] + extra + ["OUTPUT_DIR", "out"])]
+    p = subprocess.run(["bash", SLURM_SCRIPT], capture_output=True, text=True, env=env, timeout=30)
+    assert p.returncode != 0 and "usage: sbatch scripts/slurm_train.sh CONFIG" in p.stderr
+
+
 @pytest.mark.slow
 def test_slurm_tasks_train_to_the_one_process_parameters(tiny, yacs_reference, tmp_path):
-    """Two processes with the variables srun sets (no torchrun): the ranks, local ranks and rank 0's address come
-    from SLURM_*; the run reaches the one-process parameters."""
-    out, port = str(tmp_path / "slurm"), _free_port()
-    cmd = _py("train_net") + ["--config-file", QUICK] + _data(tiny) + ["OUTPUT_DIR", out] + YACS_SAME
-    slurm = dict(SLURM_NTASKS=2, SLURM_JOB_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE=2, SLURM_NNODES=1,
-                 SLURM_NODEID=0, SLURM_JOB_ID=4242, MASTER_PORT=port, D2B_RDZV_TIMEOUT=120)
-    logs = [str(tmp_path / f"task{r}.log") for r in (0, 1)]
-    procs = [_start(cmd, _clean_env(tiny, SLURM_PROCID=r, SLURM_LOCALID=r, **slurm), logs[r]) for r in (0, 1)]
-    codes, texts = _finish(procs, logs)
-    assert codes == [0, 0], "\n".join(t[-4000:] for t in texts)
+    """scripts/slurm_train.sh with srun's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST;
+    no torchrun): two tasks train, ranks and rank 0's address from SLURM_*, and reach the one-process parameters."""
+    out, record = str(tmp_path / "slurm"), tmp_path / "srun"
+    env = _clean_env(tiny, PATH=_fake_srun(tmp_path) + os.pathsep + os.environ["PATH"], PYTHON=sys.executable,
+                     SRUN_RECORD=record, SLURM_NTASKS=2, SLURM_JOB_NODELIST="localhost", SLURM_NNODES=1,
+                     SLURM_JOB_ID=4242, MASTER_PORT=_free_port(), D2B_RDZV_TIMEOUT=120)
+    p = subprocess.run(["bash", SLURM_SCRIPT, QUICK] + _data(tiny) + ["OUTPUT_DIR", out] + [str(o) for o in YACS_SAME],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    texts = [open(f"{record}.{r}").read() for r in (0, 1)]
+    assert p.returncode == 0, "\n".join(t[-4000:] for t in texts)
     assert "Started by slurm: rank 0 of 2, local rank 0 of 2" in texts[0] and "rank 0 at localhost:" in texts[0]
     assert "Started by slurm: rank 1 of 2, local rank 1 of 2" in texts[1]
     with open(os.path.join(out, "log.txt.rank1")) as f:
@@ -456,3 +496,37 @@ def test_num_gpus_under_torchrun_is_refused_with_the_reason(tiny, tmp_path):
     assert "--num-gpus 2 with torchrun: torchrun already started this process as rank 0 of 1" in p.stderr, \
         p.stderr[-3000:]
     assert not os.path.exists(tmp_path / "x")  # refused before anything was set up
+
+
+_BARRIER = """
+import os, sys, time, torch
+from d2_backbones.launch import distributed_env, init_distributed
+from d2_backbones.weights import Checkpointer, PeriodicCheckpointer
+d = distributed_env()
+init_distributed(d)
+cp = Checkpointer(torch.nn.Linear(2, 2), sys.argv[1])
+cp.prepare_save_dir()  # rank 0 creates the directory (as the trainers do)
+save = cp.save
+cp.save = lambda name, **kw: (time.sleep(2), save(name, **kw))  # a slow disk on rank 0 (the only one that writes)
+hook = PeriodicCheckpointer(cp, 1, max_iter=10, synchronize=sys.argv[2] == "1")
+hook.step(0)
+print(f"rank {d.rank} sees the checkpoint: {os.path.exists(os.path.join(sys.argv[1], 'model_0000000.pth'))}")
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_waits_for_the_checkpoint_rank_0_writes(tmp_path):
+    """PeriodicCheckpointer(synchronize=True), as both trainers register it in every process: the other ranks go on
+    only once rank 0's file is complete (without it, rank 1 runs ahead of a slow write). Started by another
+    launcher's variables (RANK, WORLD_SIZE, LOCAL_*, MASTER_*), which take the same rendezvous as srun's."""
+    for sync in ("1", "0"):
+        out, port = str(tmp_path / f"sync{sync}"), _free_port()
+        logs = [str(tmp_path / f"sync{sync}_{r}.log") for r in (0, 1)]
+        procs = [_start([sys.executable, "-c", _BARRIER, out, sync],
+                        _clean_env(str(tmp_path), RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, LOCAL_WORLD_SIZE=2,
+                                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, D2B_RDZV_TIMEOUT=60), logs[r])
+                 for r in (0, 1)]
+        codes, texts = _finish(procs, logs, timeout=120)
+        assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+        assert "rank 0 sees the checkpoint: True" in texts[0]
+        assert f"rank 1 sees the checkpoint: {sync == '1'}" in texts[1], texts[1][-2000:]
