@@ -394,11 +394,15 @@ def _rendezvous(d: DistEnv, timeout: datetime.timedelta, agent_store: bool = Fal
     try:
         store.wait(keys, timeout)
     except (RuntimeError, OSError) as e:
-        missing = [r for r, k in enumerate(keys) if not store.check([k])]
-        shown = missing if len(missing) <= 10 else missing[:10] + ["..."]
+        try:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            shown = missing if len(missing) <= 10 else missing[:10] + ["..."]
+            came = f"{d.world_size - len(missing)} came, rank(s) {shown} did not"
+        except (RuntimeError, OSError):  # rank 0 (the store) is gone: it stopped, e.g. on an error of its own
+            came = "rank 0 stopped answering (see its own error)"
         raise DistributedSetupError(
             f"Rank {d.rank} waited {RDZV_TIMEOUT_ENV}={secs} s at {where} for the {d.world_size} processes of "
-            f"{d.names['world_size']}={d.world_size}; {d.world_size - len(missing)} came, rank(s) {shown} did not. "
+            f"{d.names['world_size']}={d.world_size}; {came}. "
             f"Fix: start every process (srun starts {d.names['world_size']} tasks; a python command alone in an sbatch "
             f"script is one process: run it under srun, or set {LAUNCHER_ENV}=launch to start the processes from "
             f"--num-gpus instead), give every process the same world size, or raise {RDZV_TIMEOUT_ENV} when nodes "

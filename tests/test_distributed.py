@@ -179,6 +179,30 @@ def test_port_in_use_is_named_at_once():
         assert time.monotonic() - t < 5  # not after the timeout
 
 
+def test_processes_with_different_world_sizes_are_named():
+    """Rank 0 started for 2 processes, rank 1 for 3: rank 0 names the disagreement as soon as rank 1 has joined;
+    rank 1 waits for a rank 2 that never comes and names it when its time is up."""
+    port, errors = _free_port(), {}
+    names = {"world_size": "WORLD_SIZE", "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
+
+    def join(rank, world, seconds):
+        try:
+            _rendezvous(DistEnv("env", rank, world, rank, world, "127.0.0.1", port, names=names),
+                        datetime.timedelta(seconds=seconds))
+        except DistributedSetupError as e:
+            errors[rank] = e  # (keeps rank 0's store alive until both have answered)
+
+    threads = [threading.Thread(target=join, args=args) for args in ((0, 2, 20), (1, 3, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert re.search(r"The processes disagree on the world size: rank 0 has WORLD_SIZE=2, rank\(s\) \[1\] have \[3\]",
+                     str(errors.get(0))), errors
+    assert re.search(r"Rank 1 waited D2B_RDZV_TIMEOUT=1 s at 127.0.0.1:\d+ .* for the 3 processes of WORLD_SIZE=3; 2 "
+                     r"came, rank\(s\) \[2\] did not", str(errors.get(1))), errors
+
+
 # ------------------------------------------------------------------------------------------ elastic restarts (fast)
 def test_elastic_restart_resumes_and_never_moves_the_run_aside():
     args = _args(overwrite=True)
