@@ -26,7 +26,8 @@ What it adds to detectron2's script:
 * ``train.amp.enabled=True``: detectron2's ``AMPTrainer`` (float16 + grad scaler) on CUDA, bfloat16
   autocast on CPU (``train.amp.precision`` overrides the dtype);
 * a divergence names the last complete checkpoint; several CPU processes (``--num-gpus N`` with
-  ``train.device=cpu``) use gloo;
+  ``train.device=cpu``) use gloo; started by torchrun or SLURM's ``srun`` it takes its processes from the
+  environment (:mod:`d2_backbones.launch`; ``torchrun --nproc-per-node 8 -m d2_backbones.lazy_train ...``);
 * after training, ``curves.png`` and ``predictions.png`` in ``train.output_dir``, as ``train_net`` writes them.
 
 The checks, the output directory, the error messages and the pictures are those of ``train_net``: both trainers
@@ -43,7 +44,7 @@ from typing import Sequence
 import torch
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks, launch
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
@@ -52,7 +53,7 @@ from .errors import ConfigError, dotted_get
 from .model_zoo import resolve_config_file
 from .rundir import call_guarded, guard_writers
 from .lazy import instantiate_model
-from .preflight import check_num_processes
+from .launch import launch_main
 from .train import argument_parser, ddp_any_device
 from .weights import Checkpointer, PeriodicCheckpointer
 from .yaml_safety import load_lazy_config
@@ -195,8 +196,9 @@ def do_train(args, cfg):
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        PeriodicCheckpointer(checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep", None) or None)
-        if comm.is_main_process() else None,
+        # in every process: rank 0 writes, the others wait for the file (the checkpointer's save_to_disk)
+        PeriodicCheckpointer(checkpointer, ckpt.period, max_to_keep=ckpt.get("max_to_keep", None) or None,
+                             synchronize=True),
         hooks.EvalHook(cfg.train.eval_period,  # a full disk while writing the results names the folder
                        lambda: call_guarded(do_test, os.path.join(output_dir, "inference"), output_dir, cfg, model)),
         hooks.PeriodicWriter(guard_writers(default_writers(output_dir, cfg.train.max_iter), output_dir),
@@ -232,14 +234,11 @@ def main(args):
 
 
 def invoke_main() -> None:
-    """Parse the command line and ``launch`` :func:`main` (one process per GPU, or per CPU worker)."""
+    """Parse the command line and run :func:`main` in every process: started by torchrun or srun, or spawned by
+    detectron2's ``launch`` (one process per GPU, or per CPU worker); see :mod:`d2_backbones.launch`."""
     args = argument_parser().parse_args()
     check_overrides(args.opts)
-    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
-    if processes:
-        print(processes)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main, args)
 
 
 if __name__ == "__main__":

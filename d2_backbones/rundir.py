@@ -56,6 +56,8 @@ __all__ = ["LOCK_NAME", "OutputDirInUseError", "lock_output_dir", "previous_run"
 logger = logging.getLogger("d2_backbones")
 
 LOCK_NAME = ".d2b_run.lock"
+ELASTIC_RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # > 0: torchrun restarted the run after a failure
+ELASTIC_LOCK_WAIT = 60.0  # seconds a restarted run waits for the stopped attempt's lock
 PREVIOUS_PREFIX = "previous_run_"
 
 # what a run writes into its directory (moved aside by --overwrite); the lock and earlier previous_run_* stay
@@ -88,11 +90,12 @@ def _describe_holder(text: str) -> str:
         return "a process that has not recorded its details yet"
 
 
-def lock_output_dir(output_dir: str, key: str = "OUTPUT_DIR") -> Optional[str]:
+def lock_output_dir(output_dir: str, key: str = "OUTPUT_DIR", wait: float = 0.0) -> Optional[str]:
     """Take the run lock of ``output_dir`` (created if missing) for the life of this process.
 
     Returns the lock file's path (``None`` for a non-local directory). Claiming a directory this
-    process already holds is a no-op. Raises :class:`OutputDirInUseError` naming the holder.
+    process already holds is a no-op. Raises :class:`OutputDirInUseError` naming the holder, after
+    trying for ``wait`` seconds (an elastic restart waits for the stopped attempt's process to end).
     """
     if not output_dir or "://" in str(output_dir):
         return None
@@ -102,17 +105,24 @@ def lock_output_dir(output_dir: str, key: str = "OUTPUT_DIR") -> Optional[str]:
     if real in _HELD:
         return path
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.read(fd, 1 << 16).decode("utf-8", "replace")
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise OutputDirInUseError(
-            f"{key} {output_dir} is in use by another run ({_describe_holder(holder)}). Two runs in one directory "
-            f"overwrite each other's checkpoints, config.yaml and metrics.json. Fix: let that run finish (or stop "
-            f"it), or choose another {key}; --eval-only needs no lock.") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            holder = os.read(fd, 1 << 16).decode("utf-8", "replace")
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            waited = f" (waited {wait:g} s for it to end)" if wait else ""
+            raise OutputDirInUseError(
+                f"{key} {output_dir} is in use by another run ({_describe_holder(holder)}){waited}. Two runs in one "
+                f"directory overwrite each other's checkpoints, config.yaml and metrics.json. Fix: let that run finish "
+                f"(or stop it), or choose another {key}; --eval-only needs no lock.") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_holder_info()).encode("utf-8"), 0)
     _HELD[real] = fd
@@ -189,12 +199,15 @@ def move_previous_run(output_dir: str) -> Dict[str, str]:
 
 
 class Claim:
-    """What :func:`claim_output_dir` did: the lock taken (or not) and the files moved by ``--overwrite``."""
+    """What :func:`claim_output_dir` did: the lock taken (or not), the files moved by ``--overwrite``, the elastic
+    restart it resumes (``restart`` > 0)."""
 
-    def __init__(self, lock: Optional[str] = None, moved: Optional[Dict[str, str]] = None, key: str = "OUTPUT_DIR"):
+    def __init__(self, lock: Optional[str] = None, moved: Optional[Dict[str, str]] = None, key: str = "OUTPUT_DIR",
+                 restart: int = 0):
         self.lock = lock
         self.moved = moved or {}
         self.key = key
+        self.restart = restart
 
     def moved_path(self, path: str) -> str:
         """``path``, or where ``--overwrite`` moved it (for ``MODEL.WEIGHTS`` pointing into the old run)."""
@@ -203,6 +216,9 @@ class Claim:
         return self.moved.get(os.path.abspath(path), path)
 
     def log(self, log: logging.Logger, weights_key: Optional[str] = None, weights: Optional[str] = None) -> None:
+        if self.restart:
+            log.info(f"Elastic restart {self.restart} ({ELASTIC_RESTART_ENV}={self.restart}): the run continues "
+                     f"from the last complete checkpoint in {self.key}, as with --resume.")
         if not self.moved:
             return
         dest = os.path.dirname(next(iter(self.moved.values())))
@@ -215,8 +231,10 @@ class Claim:
 def claim_output_dir(output_dir: str, args, key: str = "OUTPUT_DIR") -> Claim:
     """Lock ``output_dir`` for this run and refuse (or with ``--overwrite`` move aside) a previous run's files.
 
-    ``args`` are the command line's (``resume``, ``eval_only``, ``overwrite``). Only the main
-    process (rank 0) locks and checks; ``--eval-only`` does neither.
+    ``args`` are the command line's (``resume``, ``eval_only``, ``overwrite``) and ``elastic_restart``, set by
+    :func:`d2_backbones.launch.elastic_restart` after an elastic restart (with ``resume``): the lock of the stopped
+    attempt is waited for (:data:`ELASTIC_LOCK_WAIT` seconds; the operating system releases it when that process
+    ends). Only the main process (rank 0) locks and checks; ``--eval-only`` does neither.
     """
     from detectron2.utils import comm
 
@@ -237,10 +255,11 @@ def _claim_on_main(output_dir: str, args, key: str) -> Claim:
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the output directory and --overwrite moves it aside: "
                           "pass one of them.")
-    lock = lock_output_dir(output_dir, key)
+    restart = int(getattr(args, "elastic_restart", 0) or 0)
+    lock = lock_output_dir(output_dir, key, wait=ELASTIC_LOCK_WAIT if restart else 0.0)
     held = previous_run(output_dir) if lock else None
     if held is None or resume:
-        return Claim(lock, key=key)
+        return Claim(lock, key=key, restart=restart)
     if not overwrite:
         raise ConfigError(
             f"{key} {output_dir} holds a previous run ({held}): continue it with --resume, choose another {key}, "

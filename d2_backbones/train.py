@@ -176,10 +176,15 @@ class Trainer(DefaultTrainer):
             self.checkpointer.prepare_save_dir()  # temporaries of killed runs, free space
         ret = super().build_hooks()
         keep = cfg.SOLVER.MAX_TO_KEEP or None
-        for i, h in enumerate(ret):
-            if isinstance(h, hooks.PeriodicCheckpointer):
-                # detectron2's hook, with max_to_keep counted on disk (holds across resumes)
-                ret[i] = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep)
+        # detectron2's hook (in the main process only), with max_to_keep counted on disk (holds across resumes), in
+        # every process at the same place: the main process writes, the others wait until the file is complete
+        periodic = PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep,
+                                        synchronize=True)
+        at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer)), None)
+        if at is not None:
+            ret[at] = periodic
+        else:  # the other processes: before the evaluation, as in the main process
+            ret.insert(next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), periodic)
         metric = cfg.TEST.BEST_CHECKPOINT_METRIC
         if metric and comm.is_main_process() and cfg.TEST.EVAL_PERIOD > 0:
             ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, metric,

@@ -14,17 +14,21 @@ directory once the package is installed. Standard detectron2 usage (every flag o
 Additions (flags go before the KEY VALUE overrides): ``--register-coco NAME JSON IMAGE_ROOT``
 (repeatable; checked on arrival, see :mod:`d2_backbones.data`), ``--skip-image-check``,
 ``--num-classes auto``. On a machine without GPUs use ``MODEL.DEVICE cpu``; ``--num-gpus N`` then
-starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU.
+starts N CPU processes (gloo), at most ``os.cpu_count()``; with GPUs, at most one per GPU. Started by torchrun
+or SLURM's ``srun``, it takes its processes from the environment instead (:mod:`d2_backbones.launch`)::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        -m d2_backbones.train_net --config-file CONFIG
+    sbatch scripts/slurm_train.sh CONFIG OUTPUT_DIR output/run
 """
 import logging
 
-from detectron2.engine import launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2_backbones import engine  # (any d2_backbones import registers the backbones)
 from d2_backbones.inference import optimize_for_inference
-from d2_backbones.preflight import check_num_processes
+from d2_backbones.launch import launch_main
 from d2_backbones.train import Trainer, argument_parser, check_opts, setup
 from d2_backbones.weights import Checkpointer
 
@@ -54,15 +58,12 @@ def main(args):
 
 
 def invoke_main() -> None:
-    """Parse the command line and ``launch`` :func:`main` (one process per GPU, or per CPU worker)."""
+    """Parse the command line and run :func:`main` in every process: started by torchrun or srun, or spawned by
+    detectron2's ``launch`` (one process per GPU, or per CPU worker); see :mod:`d2_backbones.launch`."""
     args = argument_parser().parse_args()
     check_opts(args.opts)
     print("Command Line Args:", args)
-    processes = check_num_processes(args.num_gpus)  # before spawning: more processes than GPUs / CPU cores
-    if processes:
-        print(processes)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_main(main, args)
 
 
 if __name__ == "__main__":

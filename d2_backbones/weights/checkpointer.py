@@ -52,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts, convert_c2_detectron_names
 from detectron2.engine import hooks
+from detectron2.utils import comm
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
 from ..errors import ConfigError, is_int
@@ -389,17 +390,28 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     Pruning only removes files of this run's series: files of iterations up to the one just
     saved, never the file ``last_checkpoint`` names, nor one of a later iteration or written
     after it (``model_final.pth`` / ``model_best.pth`` are never touched).
+
+    ``synchronize=True`` (the trainers): the hook runs in every process of a multi-process run; the
+    main process writes (the checkpointer's ``save_to_disk``), and every process waits at a barrier
+    until the file is complete before the next iteration, so that a run stopped afterwards (an
+    elastic restart) finds that checkpoint. Register it in every process then: a barrier in rank 0
+    alone would wait for the others until the process group's timeout.
     """
 
     def __init__(self, checkpointer, period: int, max_iter: Optional[int] = None, max_to_keep: Optional[int] = None,
-                 file_prefix: str = "model"):
+                 file_prefix: str = "model", synchronize: bool = False):
         super().__init__(checkpointer, period, max_iter=max_iter, max_to_keep=None, file_prefix=file_prefix)
         self.keep = check_max_to_keep(max_to_keep, "max_to_keep")
+        self.synchronize = synchronize
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         super().step(iteration, **kwargs)
-        if self.keep and (int(iteration) + 1) % self.period == 0:
+        periodic = (int(iteration) + 1) % self.period == 0
+        if self.keep and periodic:
             self.prune(int(iteration))
+        final = self.max_iter is not None and int(iteration) >= self.max_iter - 1
+        if self.synchronize and (periodic or final):
+            comm.synchronize()  # the main process has written the file (or failed: then the launcher ends all)
 
     def prune(self, iteration: Optional[int] = None) -> None:
         """Remove all but the newest ``max_to_keep`` periodic files up to ``iteration`` (default: all on disk)."""
