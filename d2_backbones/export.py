@@ -275,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     whole.add_argument("--box-tolerance", type=float, default=0.05,
                        help="max |box coordinate difference| in pixels between a file's and eager detections")
     whole.add_argument("--score-tolerance", type=float, default=1e-3, help="max |score difference|")
+    whole.add_argument("--max-unmatched", type=float, default=0.2,
+                       help="fraction of detections per image allowed to differ as a whole (near-ties in the RPN)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides: KEY VALUE ... (yaml) or key=value ... (Python config)")
     args = parser.parse_args(argv)
@@ -347,7 +349,7 @@ def _main_whole_model(parser: argparse.ArgumentParser, args) -> Dict[str, Dict[s
         images = [im.flip(-1).contiguous() for im in images]
     result = export_and_check(args.config_file, args.opts, fmt=args.format, output=args.output, images=images,
                               image_format=args.image_format, opset=args.opset, box_tol=args.box_tolerance,
-                              score_tol=args.score_tolerance, unsafe_yaml=args.unsafe_yaml)
+                              score_tol=args.score_tolerance, max_unmatched=args.max_unmatched, unsafe_yaml=args.unsafe_yaml)
     report: Dict[str, Dict[str, float]] = {}
     for image, check in zip(images, result.checks):
         size = f"{image.shape[0]}x{image.shape[1]}"
