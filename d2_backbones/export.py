@@ -36,17 +36,16 @@ GhostNet (any width) + FPN                             tested      tested       
 FPN top blocks maxpool, p6p7                           tested      tested       maxpool tested
 FPN top block p6                                       works       works        untested
 FPN ``TOP_BLOCK_SOURCE: on_lateral``                   works       no [3]       untested
-full meta-architectures (GeneralizedRCNN, RetinaNet)   not covered by this tool [4]
+whole detectors                                        ``--whole-model`` [4]
 =====================================================  ==========  ===========  ===============
 
 [1] ``torchvision.ops.deform_conv2d`` has no ONNX translation in torch's exporters.
 [2] the deformable unit looks its children up by their checkpoint names at run time.
 [3] that block references the FPN's lateral conv through a Python tuple (``@torch.jit.unused``).
-[4] The heads are detectron2's own. detectron2's ``tools/deploy/export_model.py``
-(``TracingAdapter`` / ``scripting_with_instances``) can export GeneralizedRCNN and RetinaNet
-whose backbone is ours if it first does ``import d2_backbones`` and uses
-``d2_backbones.get_cfg()`` instead of ``get_cfg()``; this package does not test that path,
-and ONNX export of whole detectors (ROIAlign, NMS, dynamic numbers of boxes) is not covered.
+[4] ``--whole-model`` exports the whole detector (Faster / Mask / Cascade R-CNN, Panoptic FPN,
+RetinaNet, FCOS; yaml or Python config) to TorchScript or ONNX: a uint8 ``(H, W, 3)`` image in
+(resized, normalised and padded inside), ``boxes``, ``scores``, ``classes`` (, ``masks``, ``sem_seg``)
+out, checked against eager on two images. See :mod:`d2_backbones.export_model` and docs/export.md.
 
 ``with_cp`` and ``norm_eval`` have no effect on export (the exported module runs the eval
 path). Modules with "/" in their names (VoVNet keeps vovnet-detectron2's checkpoint names,

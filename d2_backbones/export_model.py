@@ -143,6 +143,10 @@ def _meta_name(model: nn.Module) -> str:
 def output_names(model: nn.Module) -> List[str]:
     """The outputs :class:`DetectorExport` returns for ``model`` (a detectron2 meta-architecture)."""
     kind = _meta_name(model)
+    if getattr(getattr(model, "roi_heads", None), "keypoint_on", False):
+        raise ValueError("Whole-model export does not cover keypoint heads (MODEL.KEYPOINT_ON True): its outputs "
+                         "are boxes, scores, classes, masks and sem_seg. Fix: set MODEL.KEYPOINT_ON False, or "
+                         "export the backbone + FPN (drop --whole-model).")
     names = ["boxes", "scores", "classes"]
     if kind in ("GeneralizedRCNN", "PanopticFPN") and getattr(model.roi_heads, "mask_on", False):
         names.append("masks")
