@@ -36,17 +36,16 @@ GhostNet (any width) + FPN                             tested      tested       
 FPN top blocks maxpool, p6p7                           tested      tested       maxpool tested
 FPN top block p6                                       works       works        untested
 FPN ``TOP_BLOCK_SOURCE: on_lateral``                   works       no [3]       untested
-full meta-architectures (GeneralizedRCNN, RetinaNet)   not covered by this tool [4]
+whole detectors                                        ``--whole-model`` [4]
 =====================================================  ==========  ===========  ===============
 
 [1] ``torchvision.ops.deform_conv2d`` has no ONNX translation in torch's exporters.
 [2] the deformable unit looks its children up by their checkpoint names at run time.
 [3] that block references the FPN's lateral conv through a Python tuple (``@torch.jit.unused``).
-[4] The heads are detectron2's own. detectron2's ``tools/deploy/export_model.py``
-(``TracingAdapter`` / ``scripting_with_instances``) can export GeneralizedRCNN and RetinaNet
-whose backbone is ours if it first does ``import d2_backbones`` and uses
-``d2_backbones.get_cfg()`` instead of ``get_cfg()``; this package does not test that path,
-and ONNX export of whole detectors (ROIAlign, NMS, dynamic numbers of boxes) is not covered.
+[4] ``--whole-model`` exports the whole detector (Faster / Mask / Cascade R-CNN, Panoptic FPN,
+RetinaNet, FCOS; yaml or Python config) to TorchScript or ONNX: a uint8 ``(H, W, 3)`` image in
+(resized, normalised and padded inside), ``boxes``, ``scores``, ``classes`` (, ``masks``, ``sem_seg``)
+out, checked against eager on two images. See :mod:`d2_backbones.export_model` and docs/export.md.
 
 ``with_cp`` and ``norm_eval`` have no effect on export (the exported module runs the eval
 path). Modules with "/" in their names (VoVNet keeps vovnet-detectron2's checkpoint names,
@@ -72,7 +71,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import get_cfg
+from .export_model import ONNX_OPSET, export_and_check, sample_images, setup_cfg
 from .weights import Checkpointer
 
 __all__ = [
@@ -94,7 +93,6 @@ __all__ = [
 FORMATS = ("torchscript", "onnx")
 EXPORT_METHODS = ("tracing", "scripting")
 ONNX_EXPORTERS = ("dynamo", "torchscript")
-ONNX_OPSET = 18
 _DIVISOR = 32
 
 
@@ -125,16 +123,6 @@ class Normalize(nn.Module):
 
     def output_shape(self):
         return self.model.output_shape()
-
-
-def setup_cfg(config_file: str = "", opts: Sequence[str] = ()):
-    """``d2_backbones.get_cfg()`` + ``config_file`` + ``opts`` (the order training uses), on CPU."""
-    cfg = get_cfg()
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + list(opts))
-    cfg.freeze()
-    return cfg
 
 
 def build_export_model(cfg, bottom_up: bool = False, load_weights: bool = True) -> nn.Module:
@@ -253,13 +241,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
         prog="python -m d2_backbones.export",
         description="Export a d2_backbones backbone (+FPN) to TorchScript or ONNX and check it against eager.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Covered: backbone + FPN of every family (see the d2_backbones.export docstring); not full "
-               "detectors.")
-    parser.add_argument("--config-file", default="", metavar="FILE", help="yaml config (any shipped config)")
+        epilog="Covered: backbone + FPN of every family; with --whole-model the whole detector (Faster/Mask/"
+               "Cascade R-CNN, Panoptic FPN, RetinaNet, FCOS) from a yaml or Python config, image in, detections "
+               "out (see the d2_backbones.export docstring and docs/export.md).")
+    parser.add_argument("--config-file", default="", metavar="FILE",
+                        help="yaml config (any shipped config); with --whole-model also a Python (.py) config")
     parser.add_argument("--format", choices=FORMATS, default="torchscript")
-    parser.add_argument("--export-method", choices=EXPORT_METHODS, default="tracing",
-                        help="TorchScript only: tracing or scripting")
-    parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="dynamo")
+    parser.add_argument("--export-method", choices=EXPORT_METHODS, default=None,
+                        help="TorchScript only: tracing (default) or scripting (backbone + FPN only)")
+    parser.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default=None,
+                        help="dynamo (default) or torchscript (the legacy tracer; --whole-model always uses it)")
     parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset")
     parser.add_argument("--output", default="export_output", help="output directory")
     parser.add_argument("--height", type=int, default=512, help="export/check input height (multiple of 32)")
@@ -272,8 +263,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
                         help="max abs difference allowed, relative to max(1, max |eager output|)")
     parser.add_argument("--unsafe-yaml", action="store_true",
                         help="read a yaml config with Python tags (they run code when read): only for files you trust")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    whole = parser.add_argument_group("whole detector (--whole-model)")
+    whole.add_argument("--whole-model", action="store_true",
+                       help="export the whole detector: uint8 HxWx3 image in; boxes, scores, classes (, masks, "
+                            "sem_seg) out, resizing and normalisation inside")
+    whole.add_argument("--sample-image", nargs="+", default=[], metavar="IMAGE",
+                       help="images to export and check on (default: two synthetic shapes pictures)")
+    whole.add_argument("--image-format", choices=("BGR", "RGB"), default=None,
+                       help="channel order of the images the exported file takes (default: INPUT.FORMAT)")
+    whole.add_argument("--box-tolerance", type=float, default=0.05,
+                       help="max |box coordinate difference| in pixels between a file's and eager detections")
+    whole.add_argument("--score-tolerance", type=float, default=1e-3, help="max |score difference|")
+    whole.add_argument("--max-unmatched", type=float, default=0.2,
+                       help="fraction of detections per image allowed to differ as a whole (near-ties in the RPN)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides: KEY VALUE ... (yaml) or key=value ... (Python config)")
     args = parser.parse_args(argv)
+    if args.whole_model:
+        return _main_whole_model(parser, args)
+    args.export_method = args.export_method or "tracing"
+    args.onnx_exporter = args.onnx_exporter or "dynamo"
 
     check_input_size(args.height, args.width)
     from .yaml_safety import allow_unsafe_yaml
@@ -318,6 +327,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if worst > args.tolerance:
         print(f"FAILED: exported outputs differ from eager by {worst:.2e} > --tolerance {args.tolerance:g}",
               file=sys.stderr)
+        raise SystemExit(1)
+    return report
+
+
+def _main_whole_model(parser: argparse.ArgumentParser, args) -> Dict[str, Dict[str, float]]:
+    """``--whole-model``: export the detector, check it on the sample images, exit 1 on a disagreement."""
+    if not args.config_file:
+        parser.error("--whole-model needs --config-file (a yaml or a Python config)")
+    unused = [flag for flag, on in (("--bottom-up", args.bottom_up), ("--static", args.static),
+                                    ("--include-normalization", args.include_normalization),
+                                    ("--export-method scripting", args.export_method == "scripting"),
+                                    ("--onnx-exporter dynamo", args.onnx_exporter == "dynamo")) if on]
+    if unused:
+        parser.error(f"{', '.join(unused)} cannot be used with --whole-model: the whole detector is traced (the "
+                     f"legacy TorchScript tracer, also for ONNX: torch.export stops on its data-dependent numbers "
+                     f"of boxes), takes an image of any size and normalises it inside. Fix: drop {unused[0]}.")
+    images = sample_images(args.sample_image)
+    if args.image_format == "BGR":  # PIL reads RGB
+        images = [im.flip(-1).contiguous() for im in images]
+    result = export_and_check(args.config_file, args.opts, fmt=args.format, output=args.output, images=images,
+                              image_format=args.image_format, opset=args.opset, box_tol=args.box_tolerance,
+                              score_tol=args.score_tolerance, max_unmatched=args.max_unmatched, unsafe_yaml=args.unsafe_yaml)
+    report: Dict[str, Dict[str, float]] = {}
+    for image, check in zip(images, result.checks):
+        size = f"{image.shape[0]}x{image.shape[1]}"
+        print(f"{size}: {check}")
+        report[size] = {"matched": check.matched, "box": check.max_box_diff, "score": check.max_score_diff,
+                        "mask": check.max_mask_diff}
+    print(f"Exported the whole detector ({', '.join(result.names)}) to {result.path} [{args.format}] in "
+          f"{result.seconds:.1f} s")
+    if not any(c.n_ref for c in result.checks):
+        print("WARNING: the model detected nothing on the sample images, so the check compared no detections. "
+              "Pass images it detects objects in with --sample-image.", file=sys.stderr)
+    if not result.ok:
+        print(f"FAILED: the exported file's detections differ from the eager model's (--box-tolerance "
+              f"{args.box_tolerance:g} px, --score-tolerance {args.score_tolerance:g}); see above.", file=sys.stderr)
         raise SystemExit(1)
     return report
 
