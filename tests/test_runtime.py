@@ -6,6 +6,7 @@ variant through ``make_predictor`` for each runtime in fp32, bf16, the calibrati
 train_net --eval-only with the switch, the benchmark's quick form.
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -244,3 +245,143 @@ def test_bf16_heads_survive_a_deepcopy():
     with torch.no_grad():
         out = twin.roi_heads.mask_head.layers(x)
     assert out.dtype == torch.float32 and out.shape == (2, 80, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------- int8
+QUICKSTART = os.path.join(CONFIG_DIR, "quickstart", "faster_rcnn_R_18_FPN_shapes_short.yaml")
+
+
+def _int8_cfg(weights):
+    cfg = get_cfg()
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights, "TEST.RUNTIME", "onnxruntime",
+                         "TEST.PRECISION", "int8"])
+    return cfg
+
+
+def test_missing_calibration_says_the_command(tmp_path):
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"weights")
+    cfg = _int8_cfg(str(weights))
+    with pytest.raises(ConfigError) as e:
+        rt.find_calibration(cfg)
+    assert "python -m d2_backbones.calibrate" in str(e.value) and str(weights) in str(e.value)
+    assert "no calibration exists" in str(e.value)
+    # a calibration made for other weights or another config is stale: refused, named, same command
+    (tmp_path / "model_final.int8-0123456789abcdef-0123456789abcdef.onnx").write_bytes(b"old")
+    with pytest.raises(ConfigError, match="stale") as e:
+        rt.find_calibration(cfg)
+    assert "model_final.int8-0123456789abcdef" in str(e.value)
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ConfigError, match="MODEL.WEIGHTS is empty"):
+        rt.find_calibration(cfg)
+
+
+def test_calibration_name_follows_weights_and_backbone_keys(tmp_path):
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"weights")
+    cfg = _int8_cfg(str(weights))
+    path = rt.calibration_path(cfg)
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("model_final.int8-")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.3  # the heads do not change the backbone's calibration
+    assert rt.calibration_path(cfg) == path
+    cfg.MODEL.FPN.OUT_CHANNELS = 128
+    assert rt.calibration_path(cfg) != path
+    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    weights.write_bytes(b"other weights")
+    assert rt.calibration_path(cfg) != path
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_cache_the_predictor_uses(tmp_path):
+    from d2_backbones.predictor import make_predictor
+    from detectron2.modeling import build_model
+
+    weights = str(tmp_path / "model_final.pth")
+    cfg = _int8_cfg(weights)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    img = synthetic_image((256, 256))
+    realistic_weights(model, torch.as_tensor(img.transpose(2, 0, 1).astype("float32")))
+    torch.save({"model": model.state_dict()}, weights)
+    with pytest.raises(ConfigError, match="d2_backbones.calibrate"):
+        make_predictor(cfg)
+    env = dict(os.environ, PYTHONPATH=REPO, D2B_DATASETS=str(tmp_path / "datasets"))
+    cmd = [sys.executable, "-m", "d2_backbones.calibrate", "--config-file", QUICKSTART, "--num-images", "4",
+           "MODEL.WEIGHTS", weights]
+    p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    path = rt.calibration_path(cfg)
+    assert os.path.isfile(path) and f"Wrote {path}" in p.stdout
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+    meta = rt.read_calibration_meta(path)
+    assert meta["d2b_images"] == "4" and meta["d2b_datasets"] == "shapes_train"
+    # the next start uses it: int8 (quantized) backbone outputs, close to fp32 but not equal
+    ours = make_predictor(cfg)
+    assert ours.model.backbone.label == "onnxruntime int8"
+    c = _int8_cfg(weights)
+    c.merge_from_list(["TEST.PRECISION", "fp32"])
+    ref = make_predictor(c)
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        a, b = ours.model.backbone(x), ref.model.backbone(x)
+        assert len(ours(img)["instances"]) > 0
+    rel = max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+    assert 1e-4 < rel < 0.5
+    # other weights: the cache is stale, refused with the command
+    model.roi_heads.box_predictor.cls_score.bias.data += 1  # any change of the file's bytes
+    torch.save({"model": model.state_dict()}, weights)
+    with pytest.raises(ConfigError, match="stale"):
+        make_predictor(_int8_cfg(weights))
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+def _random_quickstart_weights(path):
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file(QUICKSTART)
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    img = synthetic_image((256, 256))
+    realistic_weights(model, torch.as_tensor(img.transpose(2, 0, 1).astype("float32")))
+    torch.save({"model": model.state_dict()}, path)
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_honours_the_switch(tmp_path):
+    weights = str(tmp_path / "model.pth")
+    _random_quickstart_weights(weights)
+    env = dict(os.environ, PYTHONPATH=REPO, D2B_DATASETS=str(tmp_path / "datasets"))
+
+    def eval_only(*opts):
+        cmd = [sys.executable, "-m", "d2_backbones.train_net", "--config-file", QUICKSTART, "--eval-only",
+               "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "out"), "--overwrite"]
+        cmd = cmd[:6] + cmd[-1:] + cmd[6:-1] + list(opts)  # flags before the overrides
+        return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=1200)
+
+    p = eval_only("TEST.RUNTIME", "onnxruntime")
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert "backbone + FPN in onnxruntime fp32" in log and "copypaste: Task: bbox" in log
+    p = eval_only("TEST.RUNTIME", "onnxruntime", "TEST.PRECISION", "int8")
+    assert p.returncode != 0 and "python -m d2_backbones.calibrate" in p.stderr
+    p = eval_only("TEST.RUNTIME", "tensorrt")
+    assert p.returncode != 0 and "TEST.RUNTIME='tensorrt'" in p.stderr
+
+
+@pytest.mark.slow
+def test_detector_benchmark_quick_form(tmp_path):
+    out = tmp_path / "table.md"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "detector.py"), "--models", "R-50", "--sizes", "192x256",
+           "--modes", "torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "--rounds", "1", "--warmup", "0",
+           "--detections", "20", "--calib-images", "2", "--out", str(out)]
+    p = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = out.read_text()
+    assert "ISA: " in table and "threads" in table
+    rows = [ln for ln in table.splitlines() if ln.startswith("| R-50 |")]
+    assert [r.split(" | ")[2] for r in rows] == ["detectron2", "torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
+    for r in rows[1:3]:  # fp32: the same instances as detectron2's
+        assert "instances differ" not in r and "boxes " in r
