@@ -1,4 +1,4 @@
-"""int8 calibration of the backbone + FPN, for ``TEST.PRECISION int8``: ``python -m d2_backbones.calibrate``.
+"""int8 calibration of the backbone + FPN (+ RPN head), for ``TEST.PRECISION int8``: ``python -m d2_backbones.calibrate``.
 
 One command, once per trained checkpoint::
 
@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .runtime import calibration_path, config_hash, cpu_isa, export_backbone, precision_note, require, weights_hash
+from .runtime import (calibration_path, config_hash, cpu_isa, detector_graph, export_backbone, precision_note,
+                      require, weights_hash)
 
 __all__ = ["model_inputs", "quantize_backbone", "training_images", "main"]
 
@@ -62,8 +63,9 @@ class _Reader:
 
 
 def quantize_backbone(model, inputs: Sequence[np.ndarray], path: str, meta: Dict[str, str]) -> str:
-    """Export ``model.backbone`` (folded on a copy), quantize it on ``inputs`` and write it atomically to ``path``
-    with ``meta`` as ONNX metadata. Returns ``path``."""
+    """Export the backbone + FPN (+ RPN head: :func:`~d2_backbones.runtime.detector_graph`) of a folded copy of
+    ``model``, quantize it on ``inputs`` and write it atomically to ``path`` with ``meta`` as ONNX metadata.
+    Returns ``path``."""
     from .inference import optimize_for_inference
 
     onnx = require("onnx")
@@ -72,11 +74,11 @@ def quantize_backbone(model, inputs: Sequence[np.ndarray], path: str, meta: Dict
         quantize_static
 
     reader = type("Reader", (_Reader, CalibrationDataReader), {})("images", inputs)
-    backbone = optimize_for_inference(copy.deepcopy(model.backbone).eval())
+    graph = detector_graph(optimize_for_inference(copy.deepcopy(model).eval()))
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(prefix="d2b_calibrate_") as tmp:
         fp32 = os.path.join(tmp, "backbone_fpn.onnx")
-        export_backbone(backbone, fp32)
+        export_backbone(graph, fp32)
         src = fp32
         try:
             from onnxruntime.quantization.shape_inference import quant_pre_process

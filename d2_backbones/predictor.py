@@ -12,7 +12,7 @@ plus :func:`~d2_backbones.optimize_for_inference` and the runtime switch (``TEST
 Example::
 
     predictor = d2_backbones.Predictor(cfg)
-    outputs = predictor(cv2.imread("input.jpg"))  # {"instances": Instances(...)}
+    outputs = predictor(read_image("input.jpg", format="BGR"))  # detectron2.data.detection_utils.read_image
 
 Both predictors live here; :mod:`d2_backbones.inference` holds the folding they use.
 """

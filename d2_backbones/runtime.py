@@ -4,14 +4,16 @@
 the way the config asks, in place:
 
 1. :func:`~d2_backbones.optimize_for_inference` (norms folded into the convolutions, channels_last);
-2. ``model.backbone`` (backbone + FPN) is replaced by a :class:`RuntimeBackbone`: the folded backbone
-   exported to ONNX at startup (dynamic height and width, checked against PyTorch on two sizes) and run by
-   ONNX Runtime or OpenVINO, or kept in PyTorch (``torch``). It keeps ``output_shape()``,
-   ``size_divisibility`` and ``padding_constraints``, so detectron2's heads and pre-processing see no
-   difference;
-3. the heads stay detectron2's PyTorch modules. Under ``bf16`` the compute-heavy ones (the RPN head's
-   convolutions, the box head's fully connected layers, the mask head's convolutions) run under bfloat16
-   autocast and hand float32 back, so box decoding, NMS, ROIAlign and mask pasting stay float32.
+2. ``model.backbone`` (backbone + FPN) is replaced by a :class:`RuntimeBackbone`: for ONNX Runtime and
+   OpenVINO, the folded backbone + FPN and detectron2's RPN head (:class:`DetectorGraph`) exported to ONNX at
+   startup (dynamic height and width, checked against PyTorch on two sizes) and run there; for ``torch``, the
+   folded PyTorch module. It keeps ``output_shape()``, ``size_divisibility`` and ``padding_constraints``, so
+   detectron2's pre-processing and heads see no difference; the RPN reads the head outputs the runtime computed;
+3. the mask head's convolutions run in the runtime too (exported with a dynamic number of boxes); the rest of
+   the heads stays detectron2's PyTorch code, with two exact speed-ups (the RPN decodes only the anchors it
+   keeps; masks are pasted by separable bilinear sampling). Under ``bf16`` (and ``int8`` on CPUs with bf16)
+   the compute-heavy head parts run in bfloat16 (the runtime's, or PyTorch autocast for the box head) and hand
+   float32 back, so box decoding, NMS, ROIAlign and mask pasting stay float32.
 
 ==========  =====================================================  ==========================================
 precision   torch                                                  onnxruntime / openvino
@@ -57,7 +59,7 @@ import re
 import tempfile
 import time
 import types
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -68,7 +70,7 @@ from .errors import ConfigError
 from .inference import is_optimized_for_inference, optimize_for_inference
 
 __all__ = ["RUNTIMES", "PRECISIONS", "DEPLOY_EXTRA", "cpu_isa", "describe_isa", "precision_note", "require",
-           "check_runtime", "is_switched", "RuntimeBackbone", "BF16Autocast", "prepare_model", "evaluation_model",
+           "check_runtime", "is_switched", "RuntimeBackbone", "DetectorGraph", "detector_graph", "BF16Autocast", "prepare_model", "evaluation_model",
            "export_backbone", "paste_masks", "config_hash", "weights_hash", "calibration_path", "find_calibration",
            "CALIBRATE_COMMAND"]
 
@@ -343,10 +345,71 @@ def export_backbone(backbone: nn.Module, path: str) -> List[str]:
         return export_onnx(backbone, sample, path, exporter="dynamo")
 
 
+class DetectorGraph(nn.Module):
+    """What is exported for a runtime: the backbone + FPN and, when the model has detectron2's standard RPN head,
+    that head too (its convolutions read the FPN's largest maps: a tenth of Mask R-CNN's time). Outputs: the
+    features (``output_shape()`` order), then ``rpn_logits.<i>`` and ``rpn_deltas.<i>`` per RPN input feature."""
+
+    def __init__(self, backbone: nn.Module, rpn_head: Optional[nn.Module] = None, rpn_in_features=()):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn_head = rpn_head
+        self.rpn_in_features = list(rpn_in_features) if rpn_head is not None else []
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = dict(self.backbone(x))
+        if self.rpn_head is not None:
+            logits, deltas = self.rpn_head([out[f] for f in self.rpn_in_features])
+            for i, (a, b) in enumerate(zip(logits, deltas)):
+                out[f"rpn_logits.{i}"], out[f"rpn_deltas.{i}"] = a, b
+        return out
+
+    def output_shape(self):
+        from detectron2.layers import ShapeSpec
+
+        shapes = dict(self.backbone.output_shape())
+        for i in range(len(self.rpn_in_features)):
+            shapes[f"rpn_logits.{i}"] = shapes[f"rpn_deltas.{i}"] = ShapeSpec()
+        return shapes
+
+
+def detector_graph(model: nn.Module) -> DetectorGraph:
+    """The :class:`DetectorGraph` of a (folded) detectron2 model: its backbone, and its RPN head if that is
+    detectron2's ``StandardRPNHead`` (a custom head stays in PyTorch)."""
+    from detectron2.modeling.proposal_generator import RPN
+    from detectron2.modeling.proposal_generator.rpn import StandardRPNHead
+
+    pg = getattr(model, "proposal_generator", None)
+    if isinstance(pg, RPN) and type(pg.rpn_head) is StandardRPNHead:
+        return DetectorGraph(model.backbone, pg.rpn_head, pg.in_features).eval()
+    return DetectorGraph(model.backbone).eval()
+
+
+class _CachedRPNHead(nn.Module):
+    """Stands in for the RPN head whose outputs the runtime computed with the features: returns them when called
+    on those very feature tensors, else runs the PyTorch head."""
+
+    def __init__(self, head: nn.Module, cache: Dict[str, object]):
+        super().__init__()
+        self.head = head
+        self._cache = cache
+
+    def forward(self, features: List[torch.Tensor]):
+        cached = self._cache.get("rpn")
+        if cached is not None and features and features[0] is cached[0]:
+            return list(cached[1]), list(cached[2])
+        return self.head(features)
+
+
+def _session(runtime: str, precision: str, path: str, names: List[str]) -> Callable:
+    return _ort_runner(path, names) if runtime == "onnxruntime" else _ov_runner(path, names, precision)
+
+
 def _runtime_backbone(backbone: nn.Module, runtime: str, precision: str, onnx_path: Optional[str] = None,
-                      check: bool = True) -> RuntimeBackbone:
-    """The :class:`RuntimeBackbone` of a folded ``backbone`` in ``runtime`` x ``precision``."""
-    names = list(backbone.output_shape())
+                      check: bool = True, graph: Optional[DetectorGraph] = None) -> RuntimeBackbone:
+    """The :class:`RuntimeBackbone` of a folded ``backbone`` in ``runtime`` x ``precision``. With ``graph`` (a
+    :class:`DetectorGraph` holding ``backbone`` and an RPN head), the runtime computes the RPN head's outputs too
+    and keeps them in ``stand_in.cache["rpn"]`` for a :class:`_CachedRPNHead`."""
     label = f"{runtime} {precision}"
     if runtime == "torch":
         if precision == "bf16":
@@ -354,22 +417,86 @@ def _runtime_backbone(backbone: nn.Module, runtime: str, precision: str, onnx_pa
             return RuntimeBackbone(backbone, lambda x: wrapped(x), label, keep=True)
         return RuntimeBackbone(backbone, backbone, label, keep=True)
     require("onnx")
+    graph = graph if graph is not None else DetectorGraph(backbone).eval()
+    names = list(graph.output_shape())
+    features = list(backbone.output_shape())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="d2b_runtime_") as tmp:
         path = onnx_path
-        if path is None:  # fp32 / bf16: the folded backbone, exported now
+        if path is None:  # fp32 / bf16: the folded model, exported now
             path = os.path.join(tmp, "backbone_fpn.onnx")
             with _quiet_export():
-                export_backbone(backbone, path)
-        run = _ort_runner(path, names) if runtime == "onnxruntime" else _ov_runner(path, names, precision)
+                export_backbone(graph, path)
+        run_all = _session(runtime, precision, path, names)
         # the session holds the model in memory: the temporary file can go
+    got = set(run_all(torch.zeros(1, 3, 2 * _DIVISOR, 2 * _DIVISOR)))
+    if not set(features) <= got:
+        raise RuntimeError(f"{path} computes {sorted(got)}, not the backbone's features {features}: it was made for "
+                           f"another model. Calibrate again (python -m d2_backbones.calibrate).")
+    rpn = [n for n in names if n.startswith("rpn_")] if set(names) <= got else []
+    cache: Dict[str, object] = {}
+    n_rpn = len(rpn) // 2
+    first_name = graph.rpn_in_features[0] if n_rpn else None
+
+    def run(x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = run_all(x)
+        feats = {k: out[k] for k in features}
+        if n_rpn:
+            cache["rpn"] = (feats[first_name], [out[f"rpn_logits.{i}"] for i in range(n_rpn)],
+                            [out[f"rpn_deltas.{i}"] for i in range(n_rpn)])
+        return feats
+
     if check and precision == "fp32":
-        err = _check_exported(backbone, run, [(3 * _DIVISOR, 4 * _DIVISOR), (4 * _DIVISOR, 3 * _DIVISOR)], 1e-4, label)
-        logger.info(f"TEST.RUNTIME {runtime}: backbone + FPN exported and checked (max rel. difference {err:.1e}) "
-                    f"in {time.perf_counter() - t0:.1f} s")
+        err = _check_exported(graph, run_all, [(3 * _DIVISOR, 4 * _DIVISOR), (4 * _DIVISOR, 3 * _DIVISOR)], 1e-4,
+                              label)
+        logger.info(f"TEST.RUNTIME {runtime}: {'backbone + FPN + RPN head' if n_rpn else 'backbone + FPN'} exported "
+                    f"and checked (max rel. difference {err:.1e}) in {time.perf_counter() - t0:.1f} s")
     else:
         logger.info(f"TEST.RUNTIME {runtime} {precision}: backbone + FPN ready in {time.perf_counter() - t0:.1f} s")
-    return RuntimeBackbone(backbone, run, label)
+    stand_in = RuntimeBackbone(backbone, run, label)
+    stand_in.cache = cache if n_rpn else None
+    return stand_in
+
+
+def _runtime_mask_head(mask_head: nn.Module, runtime: str, precision: str) -> bool:
+    """Run the mask head's ``layers`` (4 convs, deconv, predictor: 50 GMACs at 100 detections) in the runtime,
+    exported with a dynamic number of boxes. ``False`` (left in PyTorch) for a head without ``layers``."""
+    if not callable(getattr(type(mask_head), "layers", None)):
+        return False
+    require("onnx")  # the exporter's dependency
+    layers = _Layers(mask_head).eval()
+    channels = next(m for m in mask_head.modules() if isinstance(m, nn.Conv2d)).in_channels
+    size = 14
+    sample = torch.randn(2, channels, size, size)
+    with tempfile.TemporaryDirectory(prefix="d2b_runtime_") as tmp:
+        path = os.path.join(tmp, "mask_head.onnx")
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(layers, (sample,), path, input_names=["rois"], output_names=["masks"], opset_version=18,
+                              dynamo=False, dynamic_axes={"rois": {0: "n", 2: "h", 3: "w"}})
+        run = _session(runtime, precision, path, ["masks"])
+    if precision != "bf16":
+        with torch.no_grad():
+            ref = layers(sample)
+        err = float((run(sample)["masks"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        if err > 1e-4:
+            return False  # keep PyTorch's
+    mask_head.layers = types.MethodType(functools.partial(_session_layers, run=run), mask_head)
+    return True
+
+
+class _Layers(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return type(self.head).layers(self.head, x)
+
+
+def _session_layers(head: nn.Module, x: torch.Tensor, run: Callable) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return type(head).layers(head, x)
+    return run(x)["masks"]
 
 
 @contextlib.contextmanager
@@ -382,7 +509,7 @@ def _quiet_export():
 
 
 # ---------------------------------------------------------------------------------------------- heads
-def _bf16_heads(model: nn.Module) -> List[str]:
+def _bf16_heads(model: nn.Module, skip: Sequence[str] = ()) -> List[str]:
     """Run the compute-heavy parts of the heads under bfloat16 autocast (float32 in and out); returns their names.
 
     The RPN head's convolutions, the box head (its fully connected layers: 1000 proposals x 12544 x 1024 for
@@ -391,7 +518,8 @@ def _bf16_heads(model: nn.Module) -> List[str]:
     """
     done = []
     pg = getattr(model, "proposal_generator", None)
-    if pg is not None and isinstance(getattr(pg, "rpn_head", None), nn.Module):
+    if pg is not None and isinstance(getattr(pg, "rpn_head", None), nn.Module) \
+            and "proposal_generator.rpn_head" not in skip:
         pg.rpn_head = BF16Autocast(pg.rpn_head)
         done.append("proposal_generator.rpn_head")
     if isinstance(getattr(model, "head", None), nn.Module):  # RetinaNet, FCOS
@@ -407,7 +535,8 @@ def _bf16_heads(model: nn.Module) -> List[str]:
                 _set_path(roi, name, BF16Autocast(head))
                 done.append(f"roi_heads.{name}")
         mask_head = getattr(roi, "mask_head", None)
-        if mask_head is not None and callable(getattr(type(mask_head), "layers", None)):
+        if mask_head is not None and callable(getattr(type(mask_head), "layers", None)) \
+                and "roi_heads.mask_head.layers" not in skip:
             # an instance attribute (the head's forward calls self.layers(x)), bound so a deepcopy stays bound
             mask_head.layers = types.MethodType(_bf16_layers, mask_head)
             done.append("roi_heads.mask_head.layers")
@@ -577,11 +706,23 @@ def prepare_model(model: nn.Module, cfg, int8_path: Optional[str] = None) -> nn.
     if getattr(model, "_d2b_runtime", None):
         return model
     backbone = model.backbone
-    model.backbone = _runtime_backbone(backbone, runtime, precision, onnx_path)
+    graph = detector_graph(model) if runtime != "torch" else None
+    model.backbone = _runtime_backbone(backbone, runtime, precision, onnx_path, graph=graph)
+    in_runtime = []
+    if getattr(model.backbone, "cache", None) is not None:
+        model.proposal_generator.rpn_head = _CachedRPNHead(model.proposal_generator.rpn_head, model.backbone.cache)
+        in_runtime.append("proposal_generator.rpn_head")
+    # the heads' precision: bf16's; int8 (already approximate) uses bf16 heads where the CPU has bf16
+    head_precision = "bf16" if precision == "bf16" or (precision == "int8" and cpu_isa()["bf16"]) else "fp32"
+    mask_head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
+    mask_runtime = runtime != "torch" and not (runtime == "onnxruntime" and head_precision == "bf16")
+    if mask_runtime and mask_head is not None and _runtime_mask_head(mask_head, runtime, head_precision):
+        in_runtime.append("roi_heads.mask_head.layers")
     fast = _fast_heads(model)
-    heads = _bf16_heads(model) if precision == "bf16" else []
+    heads = _bf16_heads(model, skip=in_runtime) if head_precision == "bf16" else []
     model._d2b_runtime = f"{runtime} {precision}"
     logger.info(f"Inference runtime: backbone + FPN in {runtime} {precision}"
+                + (f"; in {runtime} too: {', '.join(in_runtime)}" if in_runtime else "")
                 + (f"; bfloat16 autocast in {', '.join(heads)}" if heads else "; heads in PyTorch float32")
                 + (f" ({', '.join(fast)})" if fast else "")
                 + f"; CPU: {describe_isa()}")

@@ -385,3 +385,41 @@ def test_detector_benchmark_quick_form(tmp_path):
     assert [r.split(" | ")[2] for r in rows] == ["detectron2", "torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"]
     for r in rows[1:3]:  # fp32: the same instances as detectron2's
         assert "instances differ" not in r and "boxes " in r
+
+
+# ---------------------------------------------------------------------------------------------- exact head speed-ups
+def test_separable_mask_pasting_equals_detectron2():
+    from detectron2.layers.mask_ops import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 28, 28, generator=g)
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([300.0, 200.0])  # some boxes reach past the border
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 150 + 0.5], 1)
+    ours, ref = rt.paste_masks(masks, boxes, (240, 320)), paste_masks_in_image(masks, boxes, (240, 320))
+    assert ours.dtype == ref.dtype == torch.bool and ours.shape == ref.shape
+    assert int((ours != ref).sum()) <= 5 and int(ref.sum()) > 10000  # float32 rounding at the threshold only
+    assert rt.paste_masks(masks[:0], boxes[:0], (240, 320)).shape == (0, 240, 320)
+
+
+def test_rpn_decodes_only_the_kept_anchors_with_the_same_proposals():
+    import types
+
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.anchor_generator import build_anchor_generator  # noqa: F401
+    from detectron2.modeling.proposal_generator import build_proposal_generator
+
+    cfg = _cfg(["MODEL.RPN.IN_FEATURES", ["p2", "p3"], "MODEL.RPN.PRE_NMS_TOPK_TEST", 50,
+                "MODEL.RPN.POST_NMS_TOPK_TEST", 30, "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64]]])
+    rpn = build_proposal_generator(cfg, {"p2": ShapeSpec(channels=8, stride=4),
+                                         "p3": ShapeSpec(channels=8, stride=8)}).eval()
+    g = torch.Generator().manual_seed(0)
+    anchors = rpn.anchor_generator([torch.zeros(1, 8, 16, 20), torch.zeros(1, 8, 8, 10)])
+    logits = [torch.randn(2, 16 * 20 * 3, generator=g), torch.randn(2, 8 * 10 * 3, generator=g)]
+    deltas = [torch.randn(2, 16 * 20 * 3, 4, generator=g) * 0.2, torch.randn(2, 8 * 10 * 3, 4, generator=g) * 0.2]
+    sizes = [(64, 80), (60, 70)]
+    ref = rpn.predict_proposals(anchors, logits, deltas, sizes)
+    fast = types.MethodType(rt._rpn_predict_topk_first, rpn)(anchors, logits, deltas, sizes)
+    for a, b in zip(fast, ref):
+        assert len(a) == len(b) == 30
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+        assert torch.equal(a.objectness_logits, b.objectness_logits)
