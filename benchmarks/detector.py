@@ -49,6 +49,7 @@ from inference import _size  # noqa: E402  (HxW sizes, as benchmarks/inference.p
 MODELS = {"R-50": "ResNet/mask_rcnn_R_50_FPN_1x.yaml", "V-39-eSE": "VoVNet/mask_rcnn_V_39_eSE_FPN_3x.yaml",
           "GhostNet-1.0": "GhostNet/mask_rcnn_ghostnet_100_FPN_1x.yaml"}
 MODES = ["torch-fp32", "onnxruntime-fp32", "openvino-fp32", "torch-bf16", "openvino-bf16", "onnxruntime-int8"]
+DOCS_MARKERS = ("<!-- detector-benchmark-start -->", "<!-- detector-benchmark-end -->")
 TARGETS = {"fp32": 1.7, "bf16": 3.0, "int8": 4.0}  # whole detector vs detectron2, on an AVX-512 + BF16 CPU
 
 
@@ -132,19 +133,31 @@ def synthetic_image(size: Tuple[int, int], seed: int = 0) -> np.ndarray:
 
 
 def compare(ours, ref) -> Dict[str, float]:
-    """Largest differences between two ``Instances`` (same order expected): boxes (px), scores, classes, masks."""
-    if len(ours) != len(ref):
-        return {"count": abs(len(ours) - len(ref)), "boxes": float("inf"), "scores": float("inf"),
-                "classes": float("inf"), "masks": float("inf")}
-    if len(ref) == 0:
-        return {"count": 0, "boxes": 0.0, "scores": 0.0, "classes": 0.0, "masks": 0.0}
-    out = {"count": 0,
-           "boxes": float((ours.pred_boxes.tensor - ref.pred_boxes.tensor).abs().max()),
-           "scores": float((ours.scores - ref.scores).abs().max()),
-           "classes": float((ours.pred_classes != ref.pred_classes).float().mean())}
-    if ref.has("pred_masks"):
-        a, b = ours.pred_masks.bool(), ref.pred_masks.bool()
-        out["masks"] = float((a ^ b).sum()) / max(1.0, float((a | b).sum()))
+    """Largest differences between two ``Instances``, matched one to one (same class, nearest box; instances of
+    nearly equal scores may come in another order): ``unmatched`` count, then over the matched pairs the largest
+    box difference (px), score difference and the fraction of mask pixels that differ."""
+    out = {"count": abs(len(ours) - len(ref)), "boxes": 0.0, "scores": 0.0, "masks": 0.0}
+    if len(ref) == 0 or len(ours) == 0:
+        out["unmatched"] = max(len(ours), len(ref))
+        return out
+    a, b = ours.pred_boxes.tensor, ref.pred_boxes.tensor
+    dist = (a[:, None, :] - b[None, :, :]).abs().amax(-1)  # (ours, ref) L-inf box distance
+    dist[ours.pred_classes[:, None] != ref.pred_classes[None, :]] = float("inf")
+    taken, pairs = set(), []
+    for j in torch.argsort(ref.scores, descending=True).tolist():
+        order = torch.argsort(dist[:, j]).tolist()
+        i = next((i for i in order if i not in taken and dist[i, j] < float("inf")), None)
+        if i is not None:
+            taken.add(i)
+            pairs.append((i, j))
+    out["unmatched"] = len(ref) - len(pairs)
+    if pairs:
+        io, jr = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        out["boxes"] = float(dist[io, jr].max())
+        out["scores"] = float((ours.scores[io] - ref.scores[jr]).abs().max())
+        if ref.has("pred_masks"):
+            ma, mb = ours.pred_masks[io].bool(), ref.pred_masks[jr].bool()
+            out["masks"] = float((ma ^ mb).sum()) / max(1.0, float((ma | mb).sum()))
     return out
 
 
@@ -220,14 +233,27 @@ def bench(name: str, size: Tuple[int, int], modes: Sequence[str], rounds: int, w
 def format_row(r: Dict) -> str:
     d = r["diff"]
     diff = "—" if r["mode"] == "detectron2" else (
-        f"{d['count']} instances differ" if d["count"] else
-        f"boxes {d['boxes']:.1e} px, scores {d['scores']:.1e}, classes {100 * d['classes']:.0f}%"
-        + (f", mask px {100 * d['masks']:.2f}%" if "masks" in d else ""))
+        f"boxes {d['boxes']:.1e} px, scores {d['scores']:.1e}, mask pixels {100 * d['masks']:.2f}%"
+        + (f"; {d['unmatched']} unmatched" if d["unmatched"] else ""))
     precision = r["mode"].split("-")[-1]
     target = TARGETS.get(precision) if r["mode"] != "detectron2" else None
     mark = "" if target is None else (" ✓" if r["speedup"] >= target else f" (target {target}×)")
     return (f"| {r['model']} | {r['size'][0]}×{r['size'][1]} | {r['mode']} | {r['ms']:.0f} "
             f"({r['spread'][0]:.0f}–{r['spread'][1]:.0f}) | **{r['speedup']:.2f}×**{mark} | {r['n']} | {diff} |")
+
+
+def replace_block(path: str, markers: Tuple[str, str], table: str) -> None:
+    """Put ``table`` between the two marker lines of ``path`` (written to a temporary file, then renamed)."""
+    text = open(path, encoding="utf-8").read()
+    start, end = markers
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{before}{start}\n{table}{end}{after}")
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] = None) -> str:
@@ -242,6 +268,7 @@ def main(argv: Sequence[str] = None) -> str:
     p.add_argument("--calib-images", type=int, default=8, help="synthetic images calibrating the int8 modes")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default="", help="also write the markdown table to this file")
+    p.add_argument("--update-docs", action="store_true", help="replace the table in docs/benchmarks.md")
     a = p.parse_args(argv)
     bad = [m for m in a.modes if not re.fullmatch(r"(torch|onnxruntime|openvino)-(fp32|bf16|int8)", m)]
     if bad:
@@ -279,6 +306,8 @@ def main(argv: Sequence[str] = None) -> str:
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             f.write(table)
+    if a.update_docs:
+        replace_block(os.path.join(REPO, "docs", "benchmarks.md"), DOCS_MARKERS, table)
     return table
 
 

@@ -71,7 +71,7 @@ from .inference import is_optimized_for_inference, optimize_for_inference
 
 __all__ = ["RUNTIMES", "PRECISIONS", "DEPLOY_EXTRA", "cpu_isa", "describe_isa", "precision_note", "require",
            "check_runtime", "is_switched", "RuntimeBackbone", "DetectorGraph", "detector_graph", "BF16Autocast", "prepare_model", "evaluation_model",
-           "export_backbone", "paste_masks", "config_hash", "weights_hash", "calibration_path", "find_calibration",
+           "export_backbone", "paste_masks", "ChunkedROIAlign", "config_hash", "weights_hash", "calibration_path", "find_calibration",
            "CALIBRATE_COMMAND"]
 
 logger = logging.getLogger("d2_backbones")
@@ -253,6 +253,7 @@ class RuntimeBackbone(Backbone):
         self._run = run
         self.label = label
         self.module = backbone if keep else None
+        self.cache: Optional[Dict[str, object]] = None  # the RPN head outputs a runtime computed (DetectorGraph)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self._run(x)
@@ -454,7 +455,8 @@ def _runtime_backbone(backbone: nn.Module, runtime: str, precision: str, onnx_pa
     else:
         logger.info(f"TEST.RUNTIME {runtime} {precision}: backbone + FPN ready in {time.perf_counter() - t0:.1f} s")
     stand_in = RuntimeBackbone(backbone, run, label)
-    stand_in.cache = cache if n_rpn else None
+    if n_rpn:
+        stand_in.cache = cache
     return stand_in
 
 
@@ -674,12 +676,54 @@ def _postprocess_fast_paste(self, batched_inputs, detected_instances=None, do_po
     return processed
 
 
+_POOL: Dict[int, object] = {}
+
+
+def _thread_pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers not in _POOL:
+        _POOL[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d2b_roi_align")
+    return _POOL[workers]
+
+
+class ChunkedROIAlign(nn.Module):
+    """detectron2's ``ROIAlign`` over chunks of the boxes on ``torch.get_num_threads()`` threads.
+
+    torchvision's CPU ROIAlign runs on one core; each box's output depends on that box alone, so splitting the
+    boxes gives the same tensor, faster (the op releases the GIL).
+    """
+
+    def __init__(self, op: nn.Module, min_boxes: int = 64):
+        super().__init__()
+        self.op = op
+        self.min_boxes = min_boxes
+
+    def forward(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        workers = torch.get_num_threads()
+        if workers < 2 or rois.shape[0] < self.min_boxes or torch.is_grad_enabled():
+            return self.op(x, rois)
+        return torch.cat(list(_thread_pool(workers).map(lambda r: self.op(x, r), rois.chunk(workers))))
+
+
 def _fast_heads(model: nn.Module) -> List[str]:
-    """The exact speed-ups of the heads (any precision): top-k-first RPN decoding, separable mask pasting."""
+    """The exact speed-ups of the heads (any precision): top-k-first RPN decoding, ROIAlign on every core,
+    separable mask pasting."""
+    from detectron2.layers import ROIAlign
     from detectron2.modeling import GeneralizedRCNN
     from detectron2.modeling.proposal_generator import RPN
 
     done = []
+    chunked = 0
+    for module in list(model.modules()):
+        poolers = getattr(module, "level_poolers", None)
+        if isinstance(poolers, nn.ModuleList):
+            for i, op in enumerate(poolers):
+                if type(op) is ROIAlign:
+                    poolers[i] = ChunkedROIAlign(op)
+                    chunked += 1
+    if chunked:
+        done.append("ROIAlign on all threads")
     pg = getattr(model, "proposal_generator", None)
     if isinstance(pg, RPN) and type(pg).predict_proposals is RPN.predict_proposals:
         pg.predict_proposals = types.MethodType(_rpn_predict_topk_first, pg)
