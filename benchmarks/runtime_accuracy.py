@@ -33,7 +33,7 @@ def parse_ap(log: str) -> Dict[str, float]:
         if m:
             task = m.group(1)
             continue
-        m = re.search(r"copypaste: ([-\d.]+(?:,[-\d.]+)+)\s*$", line)
+        m = re.search(r"copypaste: (-?[\d.]+(?:,(?:-?[\d.]+|nan))+)\s*$", line)
         if m and task and task not in aps:
             aps[task] = float(m.group(1).split(",")[0])
     return aps
