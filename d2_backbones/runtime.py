@@ -285,6 +285,8 @@ def _ort_runner(path: str, names: List[str]) -> Callable:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # no busy-waiting between runs: PyTorch's heads run right after, on the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     input_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]
