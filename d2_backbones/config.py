@@ -62,6 +62,14 @@ def _train_keys(_C: CN) -> None:
     # (--eval-only and TEST.EVAL_PERIOD; the trained model itself is left untouched).
     # d2_backbones.OptimizedPredictor always optimizes. Options: True, False.
     _C.TEST.OPTIMIZE_FOR_INFERENCE = False
+    # Where the backbone + FPN run for inference (the predictors and train_net's evaluations; implies
+    # OPTIMIZE_FOR_INFERENCE): "torch" (PyTorch), "onnxruntime" or "openvino" (exported at startup;
+    # pip install d2_backbones[deploy]). See docs/runtime.md. Options: "torch", "onnxruntime", "openvino".
+    _C.TEST.RUNTIME = "torch"
+    # Numeric precision of inference: "fp32" (exact), "bf16" (bfloat16 backbone + FPN and head
+    # convolutions/matmuls; CPUs with AVX512-BF16 or AMX; torch or openvino), "int8" (backbone + FPN
+    # quantized, onnxruntime or openvino, after python -m d2_backbones.calibrate). Options: "fp32", "bf16", "int8".
+    _C.TEST.PRECISION = "fp32"
     # Weights that do not fit the backbone when loaded (a file whose bottom-up tensors do not fill the
     # whole bottom-up network, or use tensors it lacks; a converted file whose metadata names another
     # network than the config): "error" stops the load naming the cause and the keys to set; "warn"

@@ -26,10 +26,8 @@ rejects).
 """
 import argparse
 import contextlib
-import copy
 import logging
 import os
-import time
 from typing import Sequence
 
 from torch.nn.parallel import DistributedDataParallel
@@ -44,9 +42,9 @@ from . import engine
 from .config import add_config, get_cfg
 from .data import CheckedDatasetMapper, register_coco_datasets
 from .weights import Checkpointer, PeriodicCheckpointer
-from .inference import is_optimized_for_inference, optimize_for_inference
 from .model_zoo import resolve_config_file
 from .rundir import call_guarded, guard_writers
+from .runtime import check_runtime, evaluation_model
 from .yaml_safety import allow_unsafe_yaml
 from .preflight import check_yacs_overrides
 
@@ -101,6 +99,7 @@ def setup(args):
         with allow_unsafe_yaml(getattr(args, "unsafe_yaml", False)):  # a Python tag is refused without the flag
             cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    check_runtime(cfg, eval_only=bool(getattr(args, "eval_only", False)))  # TEST.RUNTIME / TEST.PRECISION
     engine.prepare(cfg, args)
     return cfg
 
@@ -247,18 +246,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """detectron2's evaluation; with ``TEST.OPTIMIZE_FOR_INFERENCE`` it runs on an optimized copy.
-
-        The copy (norms folded, channels_last; see :func:`d2_backbones.optimize_for_inference`)
-        keeps the model being trained intact. A model that is already optimized is used as is.
+        """detectron2's evaluation; with ``TEST.OPTIMIZE_FOR_INFERENCE`` or a runtime switch (``TEST.RUNTIME``,
+        ``TEST.PRECISION``) it runs on a prepared copy (:func:`d2_backbones.runtime.evaluation_model`), so the
+        model being trained stays intact. A model that is already prepared is used as is.
         """
-        if cfg.TEST.OPTIMIZE_FOR_INFERENCE and not is_optimized_for_inference(model):
-            model = model.module if isinstance(model, DistributedDataParallel) else model
-            t0 = time.perf_counter()
-            model = optimize_for_inference(copy.deepcopy(model).eval())
-            logger.info(f"TEST.OPTIMIZE_FOR_INFERENCE: evaluating an optimized copy of the model (prepared in "
-                        f"{time.perf_counter() - t0:.1f} s)")
-        return super().test(cfg, model, evaluators)
+        return super().test(cfg, evaluation_model(model, cfg), evaluators)
 
     @classmethod
     def build_train_loader(cls, cfg):
