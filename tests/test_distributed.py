@@ -227,14 +227,22 @@ def test_elastic_restart_claims_a_previous_run_waiting_for_the_stopped_attempts_
     # ... a restarted one continues it, once the stopped attempt's process has released the lock
     fd = os.open(os.path.join(out, LOCK_NAME), os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    threading.Timer(0.5, os.close, (fd,)).start()
+    released = threading.Event()
+
+    def release():  # the stopped attempt's process goes away (its lock with it)
+        released.set()
+        os.close(fd)
+
     args = _args(overwrite=True)
     elastic_restart(args, distributed_env(args, {**TORCHRUN, "RANK": "0", "LOCAL_RANK": "0",
                                                  "TORCHELASTIC_RESTART_COUNT": "1"}))
+    threading.Timer(0.5, release).start()
     t = time.monotonic()
     claim = claim_output_dir(out, args)
     try:
-        assert 0.3 < time.monotonic() - t < 30 and claim.lock and claim.restart == 1 and not claim.moved
+        # the claim waited for the lock (it cannot return before the release), and not for its whole limit
+        assert released.is_set() and time.monotonic() - t < 30
+        assert claim.lock and claim.restart == 1 and not claim.moved
         import logging
         with caplog.at_level(logging.INFO, logger="d2_backbones"):
             claim.log(logging.getLogger("d2_backbones"))
