@@ -25,7 +25,7 @@ from d2_backbones.launch import (DistEnv, DistributedSetupError, _rendezvous, ch
                                  timeout_from_env)
 from d2_backbones.rundir import LOCK_NAME, _release, claim_output_dir
 
-from conftest import CONFIG_DIR, REPO
+from conftest import CONFIG_DIR, REPO, captured_logs
 from test_train_net import _env, _free_port, _metrics
 
 QUICK = os.path.join(CONFIG_DIR, "quickstart", "faster_rcnn_R_18_FPN_shapes.yaml")
@@ -213,7 +213,7 @@ def test_elastic_restart_resumes_and_never_moves_the_run_aside():
     assert elastic_restart(ev, d) == 2 and not ev.resume  # an evaluation reads what it was told to
 
 
-def test_elastic_restart_claims_a_previous_run_waiting_for_the_stopped_attempts_lock(tmp_path, caplog):
+def test_elastic_restart_claims_a_previous_run_waiting_for_the_stopped_attempts_lock(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -244,10 +244,10 @@ def test_elastic_restart_claims_a_previous_run_waiting_for_the_stopped_attempts_
         assert released.is_set() and time.monotonic() - t < 30
         assert claim.lock and claim.restart == 1 and not claim.moved
         import logging
-        with caplog.at_level(logging.INFO, logger="d2_backbones"):
+        with captured_logs(["d2_backbones"]) as records:  # whatever an earlier setup() did to propagation
             claim.log(logging.getLogger("d2_backbones"))
         assert "Elastic restart 1 (TORCHELASTIC_RESTART_COUNT=1): the run continues from the last complete " \
-               "checkpoint in OUTPUT_DIR, as with --resume." in caplog.text
+               "checkpoint in OUTPUT_DIR, as with --resume." in [r.getMessage() for r in records]
         assert sorted(os.listdir(out)) == sorted([LOCK_NAME, "metrics.json", "last_checkpoint"])  # nothing moved
     finally:
         _release(out)
