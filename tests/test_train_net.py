@@ -87,7 +87,7 @@ def test_quickstart_short_run_learns_writes_outputs_and_resumes(data_root, tmp_p
         assert os.path.isfile(os.path.join(out, f)), f
     assert "Built backbone: ResNet-18" in log and "Effective batch" in log and "Per-category bbox AP" in log
     assert "Weights loading summary: MODEL.WEIGHTS is empty" in log
-    assert "TEST.OPTIMIZE_FOR_INFERENCE: evaluating an optimized copy" in log  # the quickstart sets it
+    assert "TEST.OPTIMIZE_FOR_INFERENCE: evaluating a prepared copy" in log  # the quickstart sets it
     recs = _metrics(out)
     losses = [r["total_loss"] for r in recs if "total_loss" in r]
     assert losses[-1] < losses[0]
