@@ -48,7 +48,8 @@ from inference import _size  # noqa: E402  (HxW sizes, as benchmarks/inference.p
 
 MODELS = {"R-50": "ResNet/mask_rcnn_R_50_FPN_1x.yaml", "V-39-eSE": "VoVNet/mask_rcnn_V_39_eSE_FPN_3x.yaml",
           "GhostNet-1.0": "GhostNet/mask_rcnn_ghostnet_100_FPN_1x.yaml"}
-MODES = ["torch-fp32", "onnxruntime-fp32", "openvino-fp32", "torch-bf16", "openvino-bf16", "onnxruntime-int8"]
+MODES = ["torch-fp32", "onnxruntime-fp32", "openvino-fp32", "torch-bf16", "openvino-bf16", "onnxruntime-int8",
+         "openvino-int8"]
 DOCS_MARKERS = ("<!-- detector-benchmark-start -->", "<!-- detector-benchmark-end -->")
 TARGETS = {"fp32": 1.7, "bf16": 3.0, "int8": 4.0}  # whole detector vs detectron2, on an AVX-512 + BF16 CPU
 
@@ -162,12 +163,16 @@ def compare(ours, ref) -> Dict[str, float]:
 
 
 def calibrate_in_process(predictor_cfg, model, images: List[np.ndarray], path: str) -> str:
-    """An int8 model of ``model``'s backbone + FPN, calibrated on ``images`` (as python -m d2_backbones.calibrate
-    does on a training set)."""
-    from d2_backbones.calibrate import quantize_backbone, model_inputs
+    """An int8 model of ``model``'s backbone + FPN (and of its mask head), calibrated on ``images`` (as python -m
+    d2_backbones.calibrate does on a training set)."""
+    from d2_backbones.calibrate import mask_head_inputs, model_inputs, quantize_backbone, quantize_mask_head
+    from d2_backbones.runtime import mask_calibration_path, mask_head_hash
 
-    inputs = model_inputs(model, predictor_cfg, images)
-    return quantize_backbone(model, inputs, path, meta={"d2b_hash": "benchmark"})
+    rois = mask_head_inputs(model, predictor_cfg, images)
+    if rois:  # the mask head too (openvino int8 runs it)
+        quantize_mask_head(model, rois, mask_calibration_path(path),
+                           meta={"d2b_hash": "benchmark", "d2b_mask_head_hash": mask_head_hash(predictor_cfg)})
+    return quantize_backbone(model, model_inputs(model, predictor_cfg, images), path, meta={"d2b_hash": "benchmark"})
 
 
 # ---------------------------------------------------------------------------------------------- measure
@@ -261,7 +266,7 @@ def main(argv: Sequence[str] = None) -> str:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--sizes", nargs="+", type=_size, default=[(800, 1333), (640, 640)], metavar="HxW")
     p.add_argument("--modes", nargs="+", default=MODES, metavar="RUNTIME-PRECISION",
-                   help=f"predictors besides detectron2's (default: {' '.join(MODES)}; also openvino-int8)")
+                   help=f"predictors besides detectron2's (default: {' '.join(MODES)})")
     p.add_argument("--rounds", type=int, default=5, help="paired rounds (medians over rounds)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per predictor")
     p.add_argument("--detections", type=int, default=100, help="TEST.DETECTIONS_PER_IMAGE")

@@ -423,18 +423,123 @@ def test_rpn_decodes_only_the_kept_anchors_with_the_same_proposals():
         assert torch.equal(a.objectness_logits, b.objectness_logits)
 
 
-def test_chunked_roi_align_equals_roi_align():
+@pytest.mark.parametrize("sampling_ratio,aligned", [(0, True), (2, True), (0, False)])
+def test_gather_roi_align_equals_torchvision(sampling_ratio, aligned):
+    """The row-gather ROIAlign against torchvision's kernel: two images, boxes of every size (adaptive sample
+    grids from 1x1 to 9x9), boxes across and beyond the borders, degenerate and inverted boxes."""
     from detectron2.layers import ROIAlign
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, 40, 48, generator=g)
-    xy = torch.rand(130, 2, generator=g) * 150
-    rois = torch.cat([torch.randint(0, 2, (130, 1), generator=g).float(), xy, xy + 5 + torch.rand(130, 2) * 40], 1)
-    op = ROIAlign((7, 7), 0.25, 0, True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            assert torch.equal(rt.ChunkedROIAlign(op)(x, rois), op(x, rois))
-    finally:
-        torch.set_num_threads(threads)
+    x = torch.randn(2, 16, 40, 48, generator=g) * 3
+    xy = torch.rand(300, 2, generator=g) * 220 - 30
+    wh = torch.rand(300, 2, generator=g) ** 2 * 250
+    boxes = torch.cat([xy, xy + wh], 1)
+    edge = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 10.0, 10.0, 10.0], [50.0, 40.0, 20.0, 10.0],
+                         [-80.0, -80.0, -5.0, -6.0], [185.0, 150.0, 400.0, 300.0], [-20.0, 30.0, 400.0, 31.0]])
+    boxes = torch.cat([boxes, edge])
+    rois = torch.cat([torch.randint(0, 2, (len(boxes), 1), generator=g).float(), boxes], 1)
+    op = ROIAlign((7, 7), 0.25, sampling_ratio, aligned)
+    with torch.no_grad():
+        ref = op(x, rois)
+        out = rt.GatherROIAlign(op)(x, rois)
+        # channels_last features (what the runtimes hand back) and a 14x14 output (the mask pooler)
+        out_cl = rt.GatherROIAlign(op)(x.contiguous(memory_format=torch.channels_last), rois)
+        op14 = ROIAlign((14, 14), 0.25, sampling_ratio, aligned)
+        ref14, out14 = op14(x, rois[:40]), rt.GatherROIAlign(op14)(x, rois[:40])
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out_cl, ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out14, ref14, rtol=0, atol=2e-5)
+    assert (ref.abs() > 0.5).float().mean() > 0.3  # the comparison is of real values, not of zeros
+    assert torch.equal(out[-6:-3].abs().amax(dim=(1, 2, 3)) == 0, ref[-6:-3].abs().amax(dim=(1, 2, 3)) == 0)
+    with torch.no_grad():  # no boxes
+        assert rt.GatherROIAlign(op)(x, rois[:0]).shape == (0, 16, 7, 7)
+    x.requires_grad_(True)  # autograd: the wrapped op
+    assert rt.GatherROIAlign(op)(x, rois).grad_fn is not None
+
+
+def test_gather_pooler_equals_detectron2_roi_pooler():
+    """The multi-level pooler after ``_fast_heads``: same boxes to the same FPN levels, same values as
+    detectron2's ``ROIPooler`` (two images, boxes of every level, an image without boxes)."""
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    g = torch.Generator().manual_seed(1)
+    pooler = ROIPooler((7, 7), (1 / 4, 1 / 8, 1 / 16, 1 / 32), 0, "ROIAlignV2")
+    feats = [torch.randn(3, 8, 512 // s, 640 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = []
+    for n in (90, 40, 0):
+        xy = torch.rand(n, 2, generator=g) * 300
+        wh = 2 + torch.rand(n, 2, generator=g) ** 2 * 640  # sizes of every level
+        boxes.append(Boxes(torch.cat([xy, xy + wh], 1)))
+    with torch.no_grad():
+        ref = pooler(feats, boxes)
+        holder = torch.nn.Module()
+        holder.pooler = pooler
+        assert "ROIAlign as a row gather" in rt._fast_heads(holder)
+        out = holder.pooler(feats, boxes)
+    assert holder.pooler.forward.__func__ is rt._gather_pooler_forward
+    assert out.shape == ref.shape == (130, 8, 7, 7)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    assert (ref.abs() > 0.1).float().mean() > 0.3  # real values, not zeros
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+
+    assert set(assign_boxes_to_levels(boxes, 2, 5, 224, 4).tolist()) == {0, 1, 2, 3}  # every level used
+
+
+@pytest.mark.slow
+def test_int8_mask_and_box_heads(tmp_path):
+    """openvino int8 on Mask R-CNN: the calibration's mask head file runs in int8, the box head's fully connected
+    layers are dynamically quantized; detections stay close to fp32. A mask head calibrated for other head keys
+    is not used: a warning names the command, the head runs in bf16 / fp32 as without the file."""
+    from detectron2.modeling import build_model
+    from detectron2.engine import DefaultPredictor
+    import copy as _copy
+
+    from detector import calibrate_in_process
+
+    cfg = get_cfg()
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.MASK_ON", True, "INPUT.MIN_SIZE_TEST", 256,
+                         "INPUT.MAX_SIZE_TEST", 320])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    img = synthetic_image((256, 320))
+    realistic_weights(model, torch.as_tensor(img.transpose(2, 0, 1).astype("float32")))
+    path = str(tmp_path / "w.int8-x.onnx")
+    calibrate_in_process(cfg, _copy.deepcopy(model).eval(), [synthetic_image((256, 320), s) for s in (1, 2, 3)], path)
+    mask_path = rt.mask_calibration_path(path)
+    assert os.path.isfile(mask_path) and rt.read_calibration_meta(mask_path)["d2b_mask_head_hash"] == rt.mask_head_hash(cfg)
+
+    def predictor(precision, c=cfg):
+        p = DefaultPredictor(c)
+        p.model.load_state_dict(model.state_dict())
+        c = c.clone()
+        c.merge_from_list(["TEST.RUNTIME", "openvino", "TEST.PRECISION", precision])
+        with captured_logs(["d2_backbones"]) as records:
+            p.model = rt.prepare_model(p.model, c, int8_path=path if precision == "int8" else None)
+        return p, " ".join(r.getMessage() for r in records), warnings_in(records)
+
+    ref, _, _ = predictor("fp32")
+    ours, log, warned = predictor("int8")
+    assert "roi_heads.mask_head.layers (int8)" in log and "int8 (dynamic) in roi_heads.box_head" in log, log
+    assert not warned
+    assert type(ours.model.roi_heads.box_head.fc1).__module__.startswith("torch.ao.nn.quantized")
+    out = ours(img)["instances"]
+    assert len(out) > 10 and out.pred_masks.shape[1:] == img.shape[:2]
+    # the int8 heads on the features of real detections: close to fp32 (relative to the largest value), not equal
+    from d2_backbones.calibrate import mask_head_inputs
+
+    rois = torch.from_numpy(mask_head_inputs(_copy.deepcopy(model).eval(), cfg, [img])[0])
+    boxes = torch.randn(64, 64, 7, 7).abs()
+    with torch.no_grad():
+        for head, x in ((lambda m: m.roi_heads.mask_head.layers, rois), (lambda m: m.roi_heads.box_head, boxes)):
+            a, b = head(ours.model)(x), head(ref.model)(x.contiguous(memory_format=torch.channels_last))
+            rel = float((a - b).abs().max() / b.abs().max())
+            assert 1e-4 < rel < 0.15, rel
+    # other mask head keys: the file is not used, with a warning naming the command
+    other = cfg.clone()
+    other.merge_from_list(["MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO", 2])
+    _, log, warned = predictor("int8", other)
+    assert "mask_head.layers (int8)" not in log
+    assert any("calibrated for other ROI_MASK_HEAD" in w and "d2_backbones.calibrate" in w for w in warned), warned
