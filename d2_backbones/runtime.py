@@ -73,7 +73,7 @@ from .inference import is_optimized_for_inference, optimize_for_inference
 
 __all__ = ["RUNTIMES", "PRECISIONS", "DEPLOY_EXTRA", "cpu_isa", "describe_isa", "precision_note", "require",
            "check_runtime", "is_switched", "RuntimeBackbone", "DetectorGraph", "detector_graph", "BF16Autocast", "prepare_model", "evaluation_model",
-           "export_backbone", "export_mask_head", "mask_calibration_path", "mask_head_hash", "paste_masks", "GatherROIAlign", "roi_align_gather", "config_hash", "weights_hash", "calibration_path", "find_calibration",
+           "export_backbone", "export_mask_head", "mask_calibration_path", "mask_head_hash", "paste_masks", "GatherROIAlign", "roi_align_gather", "roi_align_levels", "config_hash", "weights_hash", "calibration_path", "find_calibration",
            "CALIBRATE_COMMAND"]
 
 logger = logging.getLogger("d2_backbones")
@@ -763,83 +763,98 @@ def _roi_axis(start: torch.Tensor, bin_size: torch.Tensor, grid: int, bins: int,
     return torch.stack([low, high], -1), weight
 
 
-_TABLES: List[Tuple[object, torch.Tensor]] = []
+_TABLES: List[Tuple[Tuple[object, ...], torch.Tensor]] = []
 
 
-def _channel_table(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (N, C, H, W) as an (N*H*W, C) table: a view when ``x`` is channels_last, else a copy kept for the
-    next pooler reading the same tensor (the box and the mask pooler read the same FPN maps)."""
-    n, c, h, w = x.shape
-    nhwc = x.permute(0, 2, 3, 1)
-    if nhwc.is_contiguous():
-        return nhwc.view(n * h * w, c)
-    for ref, table in _TABLES:
-        if ref() is x:
+def _channel_table(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The maps ``xs`` (each N, C, H, W) as one (sum of N*H*W, C) table of channel vectors, map after map: a view
+    of a single channels_last map, else a copy kept for the next pooler reading the same tensors (the box and
+    the mask pooler read the same FPN maps)."""
+    c = xs[0].shape[1]
+    if len(xs) == 1 and xs[0].permute(0, 2, 3, 1).is_contiguous():
+        return xs[0].permute(0, 2, 3, 1).view(-1, c)
+    for refs, table in _TABLES:
+        if len(refs) == len(xs) and all(r() is x for r, x in zip(refs, xs)):
             return table
-    table = nhwc.contiguous().view(n * h * w, c)
-    _TABLES.append((weakref.ref(x), table))
-    del _TABLES[:-8]
+    table = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c) for x in xs])
+    _TABLES.append((tuple(weakref.ref(x) for x in xs), table))
+    del _TABLES[:-4]
     return table
 
 
-def roi_align_gather(x: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int = 0, aligned: bool = True, out: Optional[torch.Tensor] = None,
-                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``torchvision.ops.roi_align`` (``(N, C, H, W)`` features, ``(R, 5)`` boxes) as one weighted row gather.
+def roi_align_levels(xs: Sequence[torch.Tensor], rois: torch.Tensor, levels: Optional[torch.Tensor],
+                     output_size: Tuple[int, int], spatial_scales: Sequence[float], sampling_ratio: int = 0,
+                     aligned: bool = True) -> torch.Tensor:
+    """``torchvision.ops.roi_align`` of each box ``rois[i]`` (``(R, 5)``: image index, x1, y1, x2, y2) on the map
+    ``xs[levels[i]]`` (``(N, C, H, W)``, scale ``spatial_scales[levels[i]]``), as one weighted row gather.
 
-    Every output value is a weighted sum of feature vectors: bilinear taps of ``grid_h x grid_w`` sample points
-    per bin, averaged. With the features as an ``(N*H*W, C)`` table of channel vectors, that is
-    ``embedding_bag(mode="sum", per_sample_weights=...)``, a vectorised and threaded kernel, where torchvision's
-    CPU kernel loops box by box and channel by channel on one core. Sampling points and weights follow
-    torchvision's float32 formulas in the same order (``aligned``, adaptive ``sampling_ratio=0``: ``ceil(roi
-    size / bins)`` samples, samples outside the map weigh 0), so the result equals torchvision's up to the order
-    of the float32 sums. Boxes are grouped by their sample grid, so no padded work is done. The result is an
-    ``(R, C, ph, pw)`` channels_last view; with ``out`` (``(M, ph, pw, C)``) and ``rows`` (``R`` indices) box
-    ``i`` is written to ``out[rows[i]]`` instead (how the multi-level pooler fills one tensor).
+    Every output value is a weighted sum of channel vectors: the bilinear taps of ``grid_h x grid_w`` sample
+    points per bin, averaged. With the maps as one table of channel vectors that is a single
+    ``embedding_bag(mode="sum", per_sample_weights=...)``: a vectorised, threaded kernel, where torchvision's CPU
+    kernel walks box by box and channel by channel on one core. Sample points and weights follow torchvision's
+    float32 formulas in the same order (``aligned``; adaptive ``sampling_ratio=0``: ``ceil(roi size / bins)``
+    samples; samples off the map weigh 0), so the result equals torchvision's up to the order of the float32
+    sums. The taps are built per (level, sample grid) group, without padding, and placed in box order; the
+    result is an ``(R, C, ph, pw)`` channels_last view. ``levels=None``: every box on ``xs[0]``.
 
     >>> from torchvision.ops import roi_align
     >>> x = torch.randn(1, 8, 20, 24)
     >>> rois = torch.tensor([[0, 1.0, 2.0, 15.0, 9.0], [0, -3.0, 4.5, 30.0, 25.0]])
-    >>> out = roi_align_gather(x, rois, (7, 7), 0.5)
+    >>> out = roi_align_levels([x], rois, None, (7, 7), [0.5])
     >>> out.shape, bool(torch.allclose(out, roi_align(x, rois, (7, 7), 0.5, 0, True), atol=1e-5))
     (torch.Size([2, 8, 7, 7]), True)
     """
-    n, c, h, w = x.shape
+    c = xs[0].shape[1]
     ph, pw = output_size
-    if out is None:
-        out, rows = x.new_empty((rois.shape[0], ph, pw, c)), torch.arange(rois.shape[0])
-    if rois.shape[0] == 0:
-        return out.permute(0, 3, 1, 2)
-    rois = rois.to(x.dtype)
+    r = rois.shape[0]
+    if r == 0:
+        return xs[0].new_zeros((0, ph, pw, c)).permute(0, 3, 1, 2)
+    levels = torch.zeros(r, dtype=torch.int64) if levels is None else levels.to(torch.int64)
+    rois = rois.to(xs[0].dtype)
+    scale = torch.tensor(list(spatial_scales), dtype=rois.dtype)[levels]
     offset = 0.5 if aligned else 0.0
-    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
+    roi_w, roi_h = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
     if not aligned:
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     bin_h, bin_w = roi_h / ph, roi_w / pw
     if sampling_ratio > 0:
-        grid_h = grid_w = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.int64)
+        grid_h = grid_w = torch.full((r,), sampling_ratio, dtype=torch.int64)
     else:
         grid_h, grid_w = torch.ceil(roi_h / ph).to(torch.int64), torch.ceil(roi_w / pw).to(torch.int64)
     grid_h, grid_w = grid_h.clamp(min=0), grid_w.clamp(min=0)
-    table = _channel_table(x)
-    base = rois[:, 0].to(torch.int64) * (h * w)
-    key = grid_h * (int(grid_w.max()) + 1) + grid_w
+    table = _channel_table(xs)
+    rows = torch.tensor([0] + [x.numel() // c for x in xs], dtype=torch.int64).cumsum(0)  # each map's first row
+    base = rows[levels] + rois[:, 0].to(torch.int64) * torch.tensor([x.shape[2] * x.shape[3] for x in xs])[levels]
+    taps = 4 * grid_h * grid_w  # per bin
+    start = torch.cumsum(taps * (ph * pw), 0) - taps * (ph * pw)  # each box's first tap
+    total = int(start[-1] + taps[-1] * ph * pw)
+    index = torch.empty(total, dtype=torch.int64)
+    weight = torch.empty(total, dtype=table.dtype)
+    key = (levels * 4096 + grid_h) * 4096 + grid_w
     for value in torch.unique(key).tolist():
         sel = torch.nonzero(key == value).flatten()
-        gh, gw = int(grid_h[sel[0]]), int(grid_w[sel[0]])
+        level, gh, gw = value // 4096 ** 2, (value // 4096) % 4096, value % 4096
         if gh == 0 or gw == 0:
-            out.index_fill_(0, rows[sel], 0.0)  # an empty sample grid: torchvision's output is 0
-            continue
+            continue  # an empty sample grid: no taps, torchvision's output is 0
+        h, w = xs[level].shape[2:]
         yi, yw = _roi_axis(y1[sel], bin_h[sel], gh, ph, h)  # (r, ph, gh, 2)
         xi, xw = _roi_axis(x1[sel], bin_w[sel], gw, pw, w)  # (r, pw, gw, 2)
-        index = ((base[sel, None, None] + yi.flatten(2) * w)[:, :, None, :, None]
-                 + xi.flatten(2)[:, None, :, None, :])  # (r, ph, pw, gh*2, gw*2)
-        weight = (yw.flatten(2) / (gh * gw))[:, :, None, :, None] * xw.flatten(2)[:, None, :, None, :]
-        bags = F.embedding_bag(index.reshape(-1, 4 * gh * gw), table, mode="sum",
-                               per_sample_weights=weight.reshape(-1, 4 * gh * gw))
-        out.index_copy_(0, rows[sel], bags.view(-1, ph, pw, c))
-    return out.permute(0, 3, 1, 2)
+        idx = ((base[sel, None, None] + yi.flatten(2) * w)[:, :, None, :, None]
+               + xi.flatten(2)[:, None, :, None, :])  # (r, ph, pw, gh*2, gw*2)
+        wt = (yw.flatten(2) / (gh * gw))[:, :, None, :, None] * xw.flatten(2)[:, None, :, None, :]
+        dest = (start[sel, None] + torch.arange(ph * pw * 4 * gh * gw)).flatten()
+        index[dest] = idx.flatten()
+        weight[dest] = wt.flatten()
+    offsets = (start[:, None] + torch.arange(ph * pw) * taps[:, None]).flatten()
+    bags = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)  # empty bags: 0
+    return bags.view(r, ph, pw, c).permute(0, 3, 1, 2)
+
+
+def roi_align_gather(x: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
+                     sampling_ratio: int = 0, aligned: bool = True) -> torch.Tensor:
+    """``torchvision.ops.roi_align`` on one map by :func:`roi_align_levels` (same arguments as torchvision's)."""
+    return roi_align_levels([x], rois, None, output_size, [spatial_scale], sampling_ratio, aligned)
 
 
 class GatherROIAlign(nn.Module):
@@ -859,8 +874,9 @@ class GatherROIAlign(nn.Module):
 
 
 def _gather_pooler_forward(self, x: List[torch.Tensor], box_lists) -> torch.Tensor:
-    """detectron2's ``ROIPooler.forward`` with every level gathered into one channels_last output (no zero-filled
-    tensor copied into level by level); the same boxes to the same levels (``assign_boxes_to_levels``)."""
+    """detectron2's ``ROIPooler.forward`` as one :func:`roi_align_levels` gather over all levels, straight into a
+    channels_last output in box order (detectron2 fills a zeroed tensor level by level); the same boxes to the
+    same levels (``assign_boxes_to_levels``)."""
     from detectron2.modeling.poolers import ROIPooler, assign_boxes_to_levels, convert_boxes_to_pooler_format
 
     poolers = self.level_poolers
@@ -869,15 +885,9 @@ def _gather_pooler_forward(self, x: List[torch.Tensor], box_lists) -> torch.Tens
     boxes = convert_boxes_to_pooler_format(box_lists)
     levels = assign_boxes_to_levels(box_lists, self.min_level, self.max_level, self.canonical_box_size,
                                     self.canonical_level)
-    ph, pw = self.output_size
-    out = x[0].new_empty((boxes.shape[0], ph, pw, x[0].shape[1]))
-    for level, op in enumerate(poolers):
-        rows = torch.nonzero(levels == level).flatten()
-        if rows.numel():
-            op = op.op
-            roi_align_gather(x[level], boxes[rows], (ph, pw), op.spatial_scale, op.sampling_ratio, op.aligned,
-                             out=out, rows=rows)
-    return out.permute(0, 3, 1, 2)
+    op = poolers[0].op
+    return roi_align_levels(x, boxes, levels, self.output_size, [p.op.spatial_scale for p in poolers],
+                            op.sampling_ratio, op.aligned)
 
 
 class _ChannelsLastFlatten(nn.Module):
