@@ -17,7 +17,7 @@ that confident, varied scores pass ``SCORE_THRESH_TEST``; every predictor return
 Each row prints the largest difference to detectron2's output (boxes in pixels, scores; masks as the fraction
 of mask pixels that differ) and the header names the CPU and its ISA (AVX-512, AVX512-BF16, AMX, VNNI).
 
-Run (about 40 minutes on 2 cores)::
+Run (about 30 minutes on 2 idle cores; 22 with --rounds 3)::
 
     python benchmarks/detector.py --out detector_benchmark.md
 
@@ -27,6 +27,7 @@ Quick form (a minute)::
 """
 import argparse
 import copy
+import functools
 import os
 import re
 import statistics
@@ -44,7 +45,7 @@ for _p in (REPO, os.path.dirname(os.path.abspath(__file__))):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from inference import _size  # noqa: E402  (HxW sizes, as benchmarks/inference.py reads them)
+from inference import _size, paired_rounds  # noqa: E402  (HxW sizes and the timing loop of benchmarks/inference.py)
 
 MODELS = {"R-50": "ResNet/mask_rcnn_R_50_FPN_1x.yaml", "V-39-eSE": "VoVNet/mask_rcnn_V_39_eSE_FPN_3x.yaml",
           "GhostNet-1.0": "GhostNet/mask_rcnn_ghostnet_100_FPN_1x.yaml"}
@@ -205,18 +206,8 @@ def build_predictors(name: str, size: Tuple[int, int], modes: Sequence[str], det
 
 
 def time_rounds(preds: Dict, img: np.ndarray, rounds: int, warmup: int) -> Dict[str, List[float]]:
-    names = list(preds)
-    times = {k: [] for k in names}
-    for k in names:
-        for _ in range(warmup):
-            preds[k](img)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            preds[k](img)
-            t0 = time.perf_counter()
-            preds[k](img)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
+    """ms per predictor and round on ``img``: :func:`inference.paired_rounds`."""
+    return paired_rounds({k: functools.partial(p, img) for k, p in preds.items()}, rounds, warmup)
 
 
 def bench(name: str, size: Tuple[int, int], modes: Sequence[str], rounds: int, warmup: int, detections: int,

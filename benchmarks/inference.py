@@ -42,13 +42,14 @@ Quick check that everything runs (seconds)::
 """
 import argparse
 import copy
+import functools
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -184,30 +185,35 @@ def max_rel(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
 
 
-def time_rounds(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, List[float]]:
-    """ms per model and round. Each of ``runs`` rounds runs every model twice, untimed then timed (back to
-    back, as a deployed model runs: it reuses the memory it just freed), in rotating order, and times the
-    conv probe (key ``"peak"``, in GFLOP/s). A round takes a few seconds, so the models of a round see the
-    same machine speed, which drifts a lot on shared machines: compare within rounds."""
-    probe, probe_flops = conv_probe()  # 256->256 at 80x80
-    names = list(models)
-    times: Dict[str, List[float]] = {k: [] for k in names + ["peak"]}
-    with torch.no_grad():
-        for k in names:
-            for _ in range(warmup):
-                models[k](x)
-        for _ in range(2):
-            probe()
-        for r in range(runs):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                models[k](x)
-                t0 = time.perf_counter()
-                models[k](x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-            probe()
+def paired_rounds(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """ms per call and round, the timing loop of every benchmark here (this one and ``detector.py``): ``warmup``
+    untimed calls each, then ``rounds`` rounds in which every call runs twice back to back, untimed then timed
+    (as a deployed model runs: it reuses the memory it just freed), in an order rotating from round to round.
+    A round takes seconds, so the calls of a round see the same machine speed, which drifts a lot on shared
+    machines: compare within rounds."""
+    names = list(calls)
+    times: Dict[str, List[float]] = {k: [] for k in names}
+    for k in names:
+        for _ in range(warmup):
+            calls[k]()
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            calls[k]()
             t0 = time.perf_counter()
-            probe()
-            times["peak"].append(probe_flops / ((time.perf_counter() - t0) * 1e9))
+            calls[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_rounds(models: Dict[str, nn.Module], x: torch.Tensor, runs: int, warmup: int) -> Dict[str, List[float]]:
+    """ms per model and round (:func:`paired_rounds`), and the conv probe's speed per round (key ``"peak"``, in
+    GFLOP/s: a channels_last 256->256 3x3 conv at 80x80, one more call of each round)."""
+    probe, probe_flops = conv_probe()
+    calls: Dict[str, Callable[[], object]] = {k: functools.partial(m, x) for k, m in models.items()}
+    calls["peak"] = probe
+    with torch.no_grad():
+        times = paired_rounds(calls, runs, warmup)
+    times["peak"] = [probe_flops / (ms * 1e6) for ms in times["peak"]]
     return times
 
 
