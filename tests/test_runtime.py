@@ -298,6 +298,7 @@ def test_calibrate_command_writes_a_cache_the_predictor_uses(tmp_path):
 
     weights = str(tmp_path / "model_final.pth")
     cfg = _int8_cfg(weights)
+    cfg.MODEL.MASK_ON = True  # Mask R-CNN: the mask head is calibrated too
     torch.manual_seed(0)
     model = build_model(cfg)
     img = synthetic_image((256, 256))
@@ -307,7 +308,7 @@ def test_calibrate_command_writes_a_cache_the_predictor_uses(tmp_path):
         make_predictor(cfg)
     env = dict(os.environ, PYTHONPATH=REPO, D2B_DATASETS=str(tmp_path / "datasets"))
     cmd = [sys.executable, "-m", "d2_backbones.calibrate", "--config-file", QUICKSTART, "--num-images", "4",
-           "MODEL.WEIGHTS", weights]
+           "MODEL.WEIGHTS", weights, "MODEL.MASK_ON", "True"]
     p = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     path = rt.calibration_path(cfg)
@@ -315,10 +316,14 @@ def test_calibrate_command_writes_a_cache_the_predictor_uses(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
     meta = rt.read_calibration_meta(path)
     assert meta["d2b_images"] == "4" and meta["d2b_datasets"] == "shapes_train"
+    mask_path = rt.mask_calibration_path(path)
+    assert os.path.isfile(mask_path) and f"Wrote {mask_path}" in p.stdout
+    mask_meta = rt.read_calibration_meta(mask_path)
+    assert mask_meta["d2b_mask_head_hash"] == rt.mask_head_hash(cfg) and int(mask_meta["d2b_rois"]) > 0
     # the next start uses it: int8 (quantized) backbone outputs, close to fp32 but not equal
     ours = make_predictor(cfg)
     assert ours.model.backbone.label == "onnxruntime int8"
-    c = _int8_cfg(weights)
+    c = cfg.clone()
     c.merge_from_list(["TEST.PRECISION", "fp32"])
     ref = make_predictor(c)
     x = torch.randn(1, 3, 128, 160)
@@ -331,7 +336,7 @@ def test_calibrate_command_writes_a_cache_the_predictor_uses(tmp_path):
     model.roi_heads.box_predictor.cls_score.bias.data += 1  # any change of the file's bytes
     torch.save({"model": model.state_dict()}, weights)
     with pytest.raises(ConfigError, match="stale"):
-        make_predictor(_int8_cfg(weights))
+        make_predictor(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- command lines
