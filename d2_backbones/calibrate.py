@@ -40,19 +40,24 @@ __all__ = ["model_inputs", "quantize_backbone", "mask_head_inputs", "quantize_ma
 logger = logging.getLogger("d2_backbones")
 
 
+def _test_tensor(img: np.ndarray, aug) -> torch.Tensor:
+    """An HxWx3 image resized by ``aug`` (the test-time ResizeShortestEdge) as the predictors' CxHxW float tensor."""
+    resized = aug.get_transform(img).apply_image(img)
+    return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
+
+
+def _test_resize(cfg):
+    from detectron2.data import transforms as T
+
+    return T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+
+
 def model_inputs(model, cfg, images: Sequence[np.ndarray]) -> List[np.ndarray]:
     """What ``model.backbone`` receives for each image (HxWx3 uint8 in ``cfg.INPUT.FORMAT``), as the predictors
     prepare it: resized to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, normalised, padded."""
-    from detectron2.data import transforms as T
-
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    out = []
+    aug = _test_resize(cfg)
     with torch.no_grad():
-        for img in images:
-            resized = aug.get_transform(img).apply_image(img)
-            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
-            out.append(model.preprocess_image([{"image": tensor}]).tensor.numpy())
-    return out
+        return [model.preprocess_image([{"image": _test_tensor(img, aug)}]).tensor.numpy() for img in images]
 
 
 class _Reader:
@@ -68,7 +73,7 @@ class _Reader:
         pass
 
 
-def _quantize(src: str, reader, path: str, meta: Dict[str, str], tmp: str) -> str:
+def _quantize(src: str, reader, path: str, meta: Dict[str, str]) -> str:
     """Quantize the float ONNX model ``src`` on ``reader``'s inputs (static QDQ, per-channel int8 weights, uint8
     activations, min/max ranges) and write it atomically to ``path`` with ``meta`` as ONNX metadata."""
     onnx = require("onnx")
@@ -123,7 +128,7 @@ def quantize_backbone(model, inputs: Sequence[np.ndarray], path: str, meta: Dict
     with tempfile.TemporaryDirectory(prefix="d2b_calibrate_") as tmp:
         fp32 = os.path.join(tmp, "backbone_fpn.onnx")
         export_backbone(graph, fp32)
-        return _quantize(fp32, reader, path, meta, tmp)
+        return _quantize(fp32, reader, path, meta)
 
 
 def mask_head_inputs(model, cfg, images: Sequence[np.ndarray], max_rois: int = 512,
@@ -131,23 +136,19 @@ def mask_head_inputs(model, cfg, images: Sequence[np.ndarray], max_rois: int = 5
     """What the mask head's convolutions receive on ``images`` (the pooled features of the detected boxes, up to
     ``per_image`` per image, the highest scores first), run through ``model`` in float32 until ``max_rois``
     boxes are collected. Empty when the model has no mask head with ``layers``."""
-    from detectron2.data import transforms as T
-
     mask_head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
     if mask_head is None or not callable(getattr(type(mask_head), "layers", None)):
         return []
     got: List[np.ndarray] = []
     hook = mask_head.register_forward_pre_hook(
         lambda module, args: got.append(args[0][:per_image].detach().float().numpy().copy()) if len(args[0]) else None)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    aug = _test_resize(cfg)
     try:
         with torch.no_grad():
             for img in images:
                 if sum(len(g) for g in got) >= max_rois:
                     break
-                resized = aug.get_transform(img).apply_image(img)
-                tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)).astype("float32"))
-                model([{"image": tensor, "height": img.shape[0], "width": img.shape[1]}])
+                model([{"image": _test_tensor(img, aug), "height": img.shape[0], "width": img.shape[1]}])
     finally:
         hook.remove()
     return got
@@ -161,7 +162,7 @@ def quantize_mask_head(model, inputs: Sequence[np.ndarray], path: str, meta: Dic
     with tempfile.TemporaryDirectory(prefix="d2b_calibrate_") as tmp:
         fp32 = os.path.join(tmp, "mask_head.onnx")
         export_mask_head(copy.deepcopy(model.roi_heads.mask_head).eval(), fp32)
-        return _quantize(fp32, reader, path, meta, tmp)
+        return _quantize(fp32, reader, path, meta)
 
 
 def training_images(cfg, num_images: int) -> List[str]:

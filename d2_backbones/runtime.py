@@ -73,7 +73,7 @@ from .inference import is_optimized_for_inference, optimize_for_inference
 
 __all__ = ["RUNTIMES", "PRECISIONS", "DEPLOY_EXTRA", "cpu_isa", "describe_isa", "precision_note", "require",
            "check_runtime", "is_switched", "RuntimeBackbone", "DetectorGraph", "detector_graph", "BF16Autocast", "prepare_model", "evaluation_model",
-           "export_backbone", "export_mask_head", "mask_calibration_path", "mask_head_hash", "paste_masks", "GatherROIAlign", "roi_align_gather", "roi_align_levels", "config_hash", "weights_hash", "calibration_path", "find_calibration",
+           "export_backbone", "export_mask_head", "mask_calibration_path", "mask_head_hash", "paste_masks", "GatherROIAlign", "roi_align_levels", "config_hash", "weights_hash", "calibration_path", "find_calibration",
            "CALIBRATE_COMMAND"]
 
 logger = logging.getLogger("d2_backbones")
@@ -478,15 +478,18 @@ def _runtime_backbone(backbone: nn.Module, runtime: str, precision: str, onnx_pa
     return stand_in
 
 
+def _mask_head_sample(mask_head: nn.Module) -> torch.Tensor:
+    """Two random pooled boxes of the size the mask head reads (channels of its first convolution, 14 x 14)."""
+    channels = next(m for m in mask_head.modules() if isinstance(m, nn.Conv2d)).in_channels
+    return torch.randn(2, channels, 14, 14)
+
+
 def export_mask_head(mask_head: nn.Module, path: str) -> None:
     """Export a mask head's ``layers`` (convolutions, deconvolution, predictor) to ONNX at ``path``, input
     ``rois`` (boxes x channels x 14 x 14, the number of boxes dynamic), output ``masks``."""
     require("onnx")  # the exporter's dependency
-    layers = _Layers(mask_head).eval()
-    channels = next(m for m in mask_head.modules() if isinstance(m, nn.Conv2d)).in_channels
-    sample = torch.randn(2, channels, 14, 14)
     with torch.no_grad(), _quiet_export():
-        torch.onnx.export(layers, (sample,), path, input_names=["rois"], output_names=["masks"], opset_version=18,
+        torch.onnx.export(_Layers(mask_head).eval(), (_mask_head_sample(mask_head),), path, input_names=["rois"], output_names=["masks"], opset_version=18,
                           dynamo=False, dynamic_axes={"rois": {0: "n", 2: "h", 3: "w"}})
 
 
@@ -496,9 +499,6 @@ def _runtime_mask_head(mask_head: nn.Module, runtime: str, precision: str, onnx_
     PyTorch) for a head without ``layers``."""
     if not callable(getattr(type(mask_head), "layers", None)):
         return False
-    layers = _Layers(mask_head).eval()
-    channels = next(m for m in mask_head.modules() if isinstance(m, nn.Conv2d)).in_channels
-    sample = torch.randn(2, channels, 14, 14)
     if onnx_path is not None:
         run = _session(runtime, precision, onnx_path, ["masks"])
     else:
@@ -507,8 +507,9 @@ def _runtime_mask_head(mask_head: nn.Module, runtime: str, precision: str, onnx_
             export_mask_head(mask_head, path)
             run = _session(runtime, precision, path, ["masks"])
     if precision == "fp32":
+        sample = _mask_head_sample(mask_head)
         with torch.no_grad():
-            ref = layers(sample)
+            ref = type(mask_head).layers(mask_head, sample)
         err = float((run(sample)["masks"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         if err > 1e-4:
             return False  # keep PyTorch's
@@ -527,6 +528,20 @@ def mask_head_hash(cfg) -> str:
     data = {"ROI_MASK_HEAD": dict(cfg.MODEL.ROI_MASK_HEAD), "NUM_CLASSES": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             "IN_FEATURES": list(cfg.MODEL.ROI_HEADS.IN_FEATURES)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _mask_calibration(cfg, backbone_path: str, fallback: str) -> Optional[str]:
+    """The int8 mask head written beside the int8 backbone, if there is one made for ``cfg``'s head keys; a
+    file made for other keys is not used (a warning names the command; the head runs in ``fallback``)."""
+    path = mask_calibration_path(backbone_path)
+    if not os.path.isfile(path):
+        return None
+    if read_calibration_meta(path).get("d2b_mask_head_hash") != mask_head_hash(cfg):
+        command = CALIBRATE_COMMAND.format(config="<config>", weights=cfg.MODEL.WEIGHTS)
+        logger.warning(f"{path} was calibrated for other ROI_MASK_HEAD / ROI_HEADS keys: the mask head runs in "
+                       f"{fallback} instead. Fix: calibrate again ({command})")
+        return None
+    return path
 
 
 def _int8_box_heads(model: nn.Module) -> List[str]:
@@ -851,14 +866,8 @@ def roi_align_levels(xs: Sequence[torch.Tensor], rois: torch.Tensor, levels: Opt
     return bags.view(r, ph, pw, c).permute(0, 3, 1, 2)
 
 
-def roi_align_gather(x: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float,
-                     sampling_ratio: int = 0, aligned: bool = True) -> torch.Tensor:
-    """``torchvision.ops.roi_align`` on one map by :func:`roi_align_levels` (same arguments as torchvision's)."""
-    return roi_align_levels([x], rois, None, output_size, [spatial_scale], sampling_ratio, aligned)
-
-
 class GatherROIAlign(nn.Module):
-    """detectron2's ``ROIAlign`` computed by :func:`roi_align_gather` (same values, several times faster on
+    """detectron2's ``ROIAlign`` computed by :func:`roi_align_levels` (same values, several times faster on
     CPU: 1000 boxes on a 160x160x256 map, 470 ms -> 80 ms on 2 cores); other devices, dtypes and autograd use
     the wrapped op."""
 
@@ -870,7 +879,7 @@ class GatherROIAlign(nn.Module):
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or rois.dim() != 2:
             return self.op(x, rois)
         op = self.op
-        return roi_align_gather(x, rois, op.output_size, op.spatial_scale, op.sampling_ratio, op.aligned)
+        return roi_align_levels([x], rois, None, op.output_size, [op.spatial_scale], op.sampling_ratio, op.aligned)
 
 
 def _gather_pooler_forward(self, x: List[torch.Tensor], box_lists) -> torch.Tensor:
@@ -907,14 +916,15 @@ def _channels_last_box_heads(roi_heads: nn.Module) -> int:
 
     head = getattr(roi_heads, "box_head", None)
     heads = list(head) if isinstance(head, nn.ModuleList) else [head]
+    shape = getattr(getattr(roi_heads, "box_pooler", None), "output_size", None)
     changed = 0
     for h in heads:
         children = list(h.named_children()) if isinstance(h, FastRCNNConvFCHead) else []
-        if len(children) < 2 or not isinstance(children[0][1], nn.Flatten) or not isinstance(children[1][1], nn.Linear):
+        if shape is None or len(children) < 2 or not isinstance(children[0][1], nn.Flatten) \
+                or not isinstance(children[1][1], nn.Linear):
             continue
-        shape = getattr(getattr(roi_heads, "box_pooler", None), "output_size", None)
         fc = children[1][1]
-        if shape is None or fc.in_features % (shape[0] * shape[1]):
+        if fc.in_features % (shape[0] * shape[1]):
             continue
         channels = fc.in_features // (shape[0] * shape[1])
         with torch.no_grad():
@@ -985,16 +995,11 @@ def prepare_model(model: nn.Module, cfg, int8_path: Optional[str] = None) -> nn.
     # the heads' precision: bf16's; int8 (already approximate) uses bf16 heads where the CPU has bf16
     head_precision = "bf16" if precision == "bf16" or (precision == "int8" and cpu_isa()["bf16"]) else "fp32"
     mask_head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
-    mask_int8 = mask_calibration_path(onnx_path) if precision == "int8" and runtime == "openvino" else None
-    if mask_int8 and mask_head is not None and not os.path.isfile(mask_int8):
-        mask_int8 = None
-    elif mask_int8 and mask_head is not None and read_calibration_meta(mask_int8).get("d2b_mask_head_hash") != \
-            mask_head_hash(cfg):
-        logger.warning(f"{mask_int8} was calibrated for other ROI_MASK_HEAD / ROI_HEADS keys: the mask head runs "
-                       f"in {head_precision} instead. Fix: calibrate again ({CALIBRATE_COMMAND.format(config='<config>', weights=cfg.MODEL.WEIGHTS)})")
-        mask_int8 = None
+    mask_int8 = None
+    if precision == "int8" and runtime == "openvino" and mask_head is not None:
+        mask_int8 = _mask_calibration(cfg, onnx_path, head_precision)
     mask_runtime = runtime != "torch" and not (runtime == "onnxruntime" and head_precision == "bf16")
-    if mask_int8 and mask_head is not None and _runtime_mask_head(mask_head, runtime, "int8", onnx_path=mask_int8):
+    if mask_int8 and _runtime_mask_head(mask_head, runtime, "int8", onnx_path=mask_int8):
         in_runtime.append("roi_heads.mask_head.layers (int8)")
     elif mask_runtime and mask_head is not None and _runtime_mask_head(mask_head, runtime, head_precision):
         in_runtime.append("roi_heads.mask_head.layers")
